@@ -1,0 +1,268 @@
+//! cot's FUSE proxy filesystem: a copy-on-write view of real trees that records every access.
+//!
+//! One mount serves one thunk (a command and its process tree) as its root `/`. The principal
+//! types:
+//!
+//! - [`Options`]: which real trees the view shows ([`Options::binds`]), where the thunk may
+//!   write, what is hidden, where the copy-on-write layer lives.
+//! - [`ProxyFs`]: the filesystem (a `fuser::Filesystem`), built with [`ProxyFs::new`] and run
+//!   on an already mounted `/dev/fuse` descriptor with [`serve`], which returns a [`Server`].
+//! - [`Handle`]: what the caller keeps: the access log ([`Handle::accesses`], a list of
+//!   [`Access`] of some [`AccessKind`]) and the layer's fate ([`Handle::commit`] or
+//!   [`Handle::discard`]).
+//!
+//! Because the mount is per thunk, the kernel may cache everything for a long time
+//! ([`Options::ttl`]): the thunk's first access to a path always reaches the filesystem (and
+//! is recorded), repeated accesses are served by the kernel. File data goes through kernel
+//! FUSE passthrough when the kernel grants it, else through the daemon.
+//!
+//! The crate knows nothing of thunks, namespaces or trace stores; all its syscalls go through
+//! `rustix`, so it has no `unsafe` code of its own.
+
+mod access;
+mod commit;
+mod config;
+mod error;
+mod fuse;
+mod layer;
+mod nodes;
+mod ops;
+mod real;
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+pub use access::{Access, AccessKind};
+pub use error::Error;
+pub use ops::ProxyFs;
+
+use access::AccessLog;
+use config::Config;
+use layer::LayerState;
+use ops::Inner;
+
+/// What the view shows and how it may change. All view paths are absolute.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Mapping from view paths to real paths; the longest matching view prefix wins.
+    /// Always contains ("/", system_root). E.g. `[("/", "/srv/debian-root"),
+    /// ("/home/u/proj", "/home/u/proj")]`.
+    pub binds: Vec<(PathBuf, PathBuf)>,
+    /// View paths under which the thunk may create, modify and delete; elsewhere such
+    /// operations fail with EROFS.
+    pub writable: Vec<PathBuf>,
+    /// Glob patterns (globset, matched against the absolute view path with
+    /// `literal_separator(true)`; a pattern matching a directory hides everything under it)
+    /// that look absent: lookups fail with ENOENT and are recorded as `Hidden`, listings omit
+    /// them, creating them fails with EACCES.
+    pub hide: Vec<String>,
+    /// View paths that look absent and are never recorded (cot's own state, e.g.
+    /// `<project>/.cot`). Creating them fails with EACCES.
+    pub internal: Vec<PathBuf>,
+    /// View paths that must exist as directories (mount points: /proc /dev /sys /tmp). Their
+    /// ancestors, and the ancestors of bind views, are added. Lookups of these are not
+    /// recorded; where the bound real tree lacks them they are synthetic empty directories
+    /// (mode 0755, root). Removing or renaming them fails with EBUSY.
+    pub mountpoints: Vec<PathBuf>,
+    /// An existing empty directory the filesystem owns, holding the upper (copy-on-write)
+    /// layer. Put it on the same file system as the writable trees so commit can rename.
+    pub layer_dir: PathBuf,
+    /// Try kernel FUSE passthrough for file data (needs CAP_SYS_ADMIN in the initial user
+    /// namespace). When the kernel refuses at INIT, or an open cannot be passed through, file
+    /// data silently goes through the daemon.
+    pub passthrough: bool,
+    /// How long the kernel may cache entries, absences and attributes.
+    pub ttl: Duration,
+}
+
+impl Options {
+    /// Options showing `system_root` as `/`, read-only, with the layer in `layer_dir`,
+    /// passthrough off and a one-day cache timeout.
+    pub fn new(system_root: impl Into<PathBuf>, layer_dir: impl Into<PathBuf>) -> Options {
+        Options {
+            binds: vec![(PathBuf::from("/"), system_root.into())],
+            writable: Vec::new(),
+            hide: Vec::new(),
+            internal: Vec::new(),
+            mountpoints: Vec::new(),
+            layer_dir: layer_dir.into(),
+            passthrough: false,
+            ttl: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+/// What [`Handle::commit`] changed in the real filesystem.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitSummary {
+    /// Files (and fifos, sockets) moved or copied into place.
+    pub files: usize,
+    /// Directories created.
+    pub dirs: usize,
+    /// Symlinks moved or copied into place.
+    pub symlinks: usize,
+    /// Real entries deleted (each entry of a deleted tree counts).
+    pub deleted: usize,
+    /// Bytes of the regular files put in place.
+    pub bytes: u64,
+}
+
+/// Counts of requests the filesystem served so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// LOOKUP requests (each a path the kernel had not cached).
+    pub lookups: u64,
+    /// Files opened or created.
+    pub opens: u64,
+    /// Of those, opens whose data the kernel serves by passthrough.
+    pub passthrough_opens: u64,
+    /// READ requests served by the daemon.
+    pub reads: u64,
+    /// WRITE requests served by the daemon.
+    pub writes: u64,
+}
+
+/// The caller's side of a [`ProxyFs`]: the access log and the layer. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    inner: Arc<Inner>,
+}
+
+impl ProxyFs {
+    /// Checks `opts`, opens the real trees and the layer directory.
+    pub fn new(opts: Options) -> Result<(ProxyFs, Handle), Error> {
+        let cfg = Config::new(opts)?;
+        let inner = Arc::new(Inner {
+            cfg,
+            layer: RwLock::new(LayerState::new()),
+            log: AccessLog::default(),
+            passthrough_active: AtomicBool::new(false),
+            stats: ops::Counters::default(),
+        });
+        Ok((ProxyFs::from_inner(inner.clone()), Handle { inner }))
+    }
+}
+
+impl Handle {
+    /// The accesses so far, deduplicated, in first-seen order.
+    pub fn accesses(&self) -> Vec<Access> {
+        self.inner.log.snapshot()
+    }
+
+    /// Applies the layer to the real filesystem (see the `commit` module docs), then removes
+    /// the layer directory. Later changes through the mount fail with EROFS.
+    pub fn commit(&self) -> Result<CommitSummary, Error> {
+        let mut state = self.inner.layer.write();
+        if state.sealed {
+            return Err(Error::Finished {
+                path: self.inner.cfg.layer_dir.clone(),
+            });
+        }
+        state.sealed = true;
+        let summary = commit::commit(&self.inner.cfg, &state)?;
+        commit::remove_layer(&self.inner.cfg)?;
+        Ok(summary)
+    }
+
+    /// Removes the layer directory; the real filesystem is left untouched.
+    pub fn discard(&self) -> Result<(), Error> {
+        let mut state = self.inner.layer.write();
+        if state.sealed {
+            return Err(Error::Finished {
+                path: self.inner.cfg.layer_dir.clone(),
+            });
+        }
+        state.sealed = true;
+        commit::remove_layer(&self.inner.cfg)
+    }
+
+    /// Request counts so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.stats;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            lookups: get(&c.lookups),
+            opens: get(&c.opens),
+            passthrough_opens: get(&c.passthrough_opens),
+            reads: get(&c.reads),
+            writes: get(&c.writes),
+        }
+    }
+
+    /// Whether file data goes through kernel passthrough: INIT granted it and the kernel has
+    /// not refused a backing file with EPERM since.
+    pub fn passthrough_active(&self) -> bool {
+        self.inner.passthrough_active.load(Ordering::Relaxed)
+    }
+}
+
+/// A running FUSE session. Dropping it does not wait: the session threads end by themselves
+/// when the mount goes away (the kernel then fails their reads of /dev/fuse with ENODEV).
+pub struct Server {
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Server {
+    /// Waits until the session ends, i.e. until the mount is gone.
+    pub fn join(mut self) -> Result<(), Error> {
+        match self.thread.take() {
+            Some(thread) => match thread.join() {
+                Ok(result) => result.map_err(|source| Error::Session { source }),
+                Err(_) => Err(Error::Session {
+                    source: std::io::Error::other("a session thread panicked"),
+                }),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Waits up to `timeout` for the session to end; true when it has.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        match self.done.recv_timeout(timeout) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => true,
+            Err(mpsc::RecvTimeoutError::Timeout) => false,
+        }
+    }
+
+    /// Whether the session has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+/// Serves `fs` on an already mounted /dev/fuse descriptor (`fuser::Session::from_fd`, any user
+/// may access the mount: permissions are the kernel's job under `default_permissions`), with
+/// `threads` worker threads (at least 1) in the background. Returns once the INIT handshake
+/// is done, which reads the INIT request the kernel queued at mount time (so it blocks if the
+/// descriptor was never mounted).
+///
+/// The daemon holds one descriptor per file the thunk has open: raise the soft
+/// `RLIMIT_NOFILE` of the serving process if thunks keep many files open.
+pub fn serve(fs: ProxyFs, fd: OwnedFd, threads: usize) -> Result<Server, Error> {
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(threads.max(1));
+    config.acl = fuser::SessionACL::All;
+    let session = fuser::Session::from_fd(fs, fd, fuser::SessionACL::All, config)
+        .map_err(|source| Error::Handshake { source })?;
+    let (tx, done) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("cot-fusefs".into())
+        .spawn(move || {
+            let result = session.run();
+            let _ = tx.send(());
+            result
+        })
+        .map_err(|source| Error::Spawn { source })?;
+    Ok(Server {
+        thread: Some(thread),
+        done,
+    })
+}

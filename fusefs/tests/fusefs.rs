@@ -1,0 +1,1030 @@
+//! Real-mount tests of the proxy filesystem.
+//!
+//! The binary owns its `main`: it first moves into a mount namespace of its own (so no mount
+//! can outlive it, even when it is killed), then mounts one `ProxyFs` per test on a temporary
+//! directory, with the real tree of the test bound as the view's `/`. View paths in the access
+//! log are therefore relative to the mount point: the file `<mnt>/src/a.c` is `/src/a.c`.
+//!
+//! Needs root and /dev/fuse. Without them it prints `SKIP: <reason>` and passes, unless
+//! `COT_MUST_WORK=1`, in which case it fails. Arguments are substring filters on test names.
+
+use std::collections::BTreeSet;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cot_fusefs::{AccessKind, Handle, Options, ProxyFs, Server};
+
+// ----- harness -----
+
+type Test = (&'static str, fn());
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), $name as fn())),*]
+    };
+}
+
+fn main() {
+    let tests: &[Test] = tests![
+        records_each_access_kind_once,
+        absent_and_hidden_lookups,
+        internal_paths_are_never_recorded,
+        mountpoints_are_synthetic_and_unrecorded,
+        writes_outside_writable_fail_erofs,
+        copy_on_write_keeps_real_tree_untouched,
+        commit_applies_the_merged_view,
+        commit_replaces_changed_types,
+        discard_leaves_real_tree_untouched,
+        rename_of_lower_directory_moves_subtree,
+        odd_names_round_trip,
+        unlinked_open_file_keeps_working,
+        data_path_userspace,
+        data_path_passthrough,
+        copy_up_while_reader_open_userspace,
+        copy_up_while_reader_open_passthrough,
+        concurrent_opens_share_one_backing,
+        exec_and_mmap_through_the_view,
+        handle_is_shareable,
+        binds_map_view_subtrees,
+        parallel_writers_commit_consistently,
+    ];
+    if let Err(reason) = environment() {
+        if std::env::var("COT_MUST_WORK").as_deref() == Ok("1") {
+            panic!("COT_MUST_WORK=1 but the fusefs tests cannot run: {reason}");
+        }
+        eprintln!("SKIP: fusefs tests need root and /dev/fuse: {reason}");
+        return;
+    }
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for (name, test) in tests {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        ran += 1;
+        let t = Instant::now();
+        let result = std::panic::catch_unwind(test);
+        let ms = t.elapsed().as_millis();
+        match result {
+            Ok(()) => println!("test {name} ... ok ({ms} ms)"),
+            Err(_) => {
+                println!("test {name} ... FAILED ({ms} ms)");
+                failed.push(*name);
+            }
+        }
+    }
+    println!(
+        "\n{} passed, {} failed, in {:.1} s",
+        ran - failed.len(),
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        println!("failed: {}", failed.join(", "));
+        std::process::exit(1);
+    }
+}
+
+/// Moves into a private mount namespace; fails with the reason when the tests cannot run.
+fn environment() -> Result<(), String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("not running as root".into());
+    }
+    File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| format!("cannot open /dev/fuse: {e}"))?;
+    #[expect(deprecated, reason = "safe here: the process is still single-threaded")]
+    rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS)
+        .map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
+    rustix::mount::mount_change(
+        "/",
+        rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC,
+    )
+    .map_err(|e| format!("making mounts private: {e}"))?;
+    Ok(())
+}
+
+// ----- fixture -----
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    real: PathBuf,
+    mnt: PathBuf,
+    layer: PathBuf,
+    handle: Handle,
+    server: Option<Server>,
+}
+
+impl Fixture {
+    /// Builds the real tree with `populate`, then mounts the view of it.
+    fn new(populate: impl FnOnce(&Path), configure: impl FnOnce(&mut Options)) -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let real = tmp.path().join("real");
+        let mnt = tmp.path().join("mnt");
+        let layer = tmp.path().join("layer");
+        for d in [&real, &mnt, &layer] {
+            fs::create_dir(d).expect("create fixture dir");
+        }
+        populate(&real);
+        let mut opts = Options::new(&real, &layer);
+        opts.ttl = Duration::from_secs(3600);
+        configure(&mut opts);
+        let (fs, handle) = ProxyFs::new(opts).expect("ProxyFs::new");
+        let fd: OwnedFd = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .expect("open /dev/fuse")
+            .into();
+        let data = CString::new(format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions",
+            fd.as_raw_fd()
+        ))
+        .expect("mount data");
+        rustix::mount::mount(
+            "cot",
+            &mnt,
+            "fuse",
+            rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+            Some(data.as_c_str()),
+        )
+        .expect("mount fuse");
+        let mut fixture = Fixture {
+            _tmp: tmp,
+            real,
+            mnt,
+            layer,
+            handle,
+            server: None,
+        };
+        fixture.server = Some(cot_fusefs::serve(fs, fd, 4).expect("serve"));
+        fixture
+    }
+
+    /// The host path of a view path.
+    fn v(&self, view: &str) -> PathBuf {
+        self.mnt.join(view.trim_start_matches('/'))
+    }
+
+    fn r(&self, rel: &str) -> PathBuf {
+        self.real.join(rel.trim_start_matches('/'))
+    }
+
+    fn log(&self) -> Vec<(AccessKind, PathBuf, Option<PathBuf>)> {
+        self.handle
+            .accesses()
+            .into_iter()
+            .map(|a| (a.kind, a.path, a.to))
+            .collect()
+    }
+
+    fn count(&self, kind: AccessKind, path: &str) -> usize {
+        self.log()
+            .iter()
+            .filter(|(k, p, _)| *k == kind && p == Path::new(path))
+            .count()
+    }
+
+    #[track_caller]
+    fn expect(&self, kind: AccessKind, path: &str) {
+        let n = self.count(kind, path);
+        assert_eq!(
+            n,
+            1,
+            "{kind} {path} recorded {n} times; log: {:#?}",
+            self.log()
+        );
+    }
+
+    #[track_caller]
+    fn expect_none(&self, path: &str) {
+        let hits: Vec<_> = self
+            .log()
+            .into_iter()
+            .filter(|(_, p, to)| {
+                p.starts_with(path) || to.as_deref().is_some_and(|t| t.starts_with(path))
+            })
+            .collect();
+        assert!(
+            hits.is_empty(),
+            "{path} must not be recorded, got {hits:#?}"
+        );
+    }
+
+    /// Unmounts and waits for the session to end.
+    fn unmount(&mut self) {
+        let _ = rustix::mount::unmount(&self.mnt, rustix::mount::UnmountFlags::DETACH);
+        if let Some(server) = self.server.take() {
+            assert!(
+                server.wait_timeout(Duration::from_secs(10)),
+                "session did not end after unmount"
+            );
+            server.join().expect("session ended with an error");
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.mnt, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+fn write(path: &Path, data: &[u8]) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).expect("create parent");
+    }
+    fs::write(path, data).unwrap_or_else(|e| panic!("write {path:?}: {e}"));
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|e| panic!("read {path:?}: {e}"))
+}
+
+fn names(dir: &Path) -> BTreeSet<OsString> {
+    fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {dir:?}: {e}"))
+        .map(|e| e.expect("dir entry").file_name())
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<OsString> {
+    items.iter().map(OsString::from).collect()
+}
+
+#[track_caller]
+fn errno_of(result: std::io::Result<impl Sized>) -> i32 {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.raw_os_error().expect("an OS error"),
+    }
+}
+
+/// A file of `len` bytes whose content depends on `seed` and the offset.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+fn tree(real: &Path) {
+    write(&real.join("src/a.c"), b"int a;\n");
+    write(&real.join("src/b.c"), b"int b;\n");
+    write(&real.join("src/sub/c.h"), b"#define C\n");
+    symlink("a.c", real.join("src/link")).expect("symlink");
+    write(&real.join("etc/conf"), b"conf\n");
+}
+
+fn project(opts: &mut Options) {
+    opts.writable.push(PathBuf::from("/src"));
+}
+
+// ----- access recording -----
+
+fn records_each_access_kind_once() {
+    let f = Fixture::new(tree, project);
+    use AccessKind::*;
+    // stat, twice: recorded once.
+    fs::metadata(f.v("/src/a.c")).expect("stat");
+    fs::metadata(f.v("/src/a.c")).expect("stat again");
+    f.expect(Stat, "/src");
+    f.expect(Stat, "/src/a.c");
+    // read, twice.
+    assert_eq!(read(&f.v("/src/a.c")), b"int a;\n");
+    assert_eq!(read(&f.v("/src/a.c")), b"int a;\n");
+    f.expect(Read, "/src/a.c");
+    // readdir, twice.
+    assert_eq!(names(&f.v("/src")), set(&["a.c", "b.c", "sub", "link"]));
+    names(&f.v("/src"));
+    f.expect(Readdir, "/src");
+    // readlink and the target, resolved inside the view.
+    assert_eq!(
+        fs::read_link(f.v("/src/link")).expect("readlink"),
+        Path::new("a.c")
+    );
+    assert_eq!(read(&f.v("/src/link")), b"int a;\n");
+    f.expect(Readlink, "/src/link");
+    f.expect(Stat, "/src/link");
+    // absent.
+    assert!(fs::metadata(f.v("/src/nope.h")).is_err());
+    assert!(fs::metadata(f.v("/src/nope.h")).is_err());
+    f.expect(Absent, "/src/nope.h");
+    // write (create), then O_RDWR of an existing file: read and write.
+    write(&f.v("/src/new.o"), b"obj");
+    f.expect(Write, "/src/new.o");
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.v("/src/b.c"))
+        .expect("open rdwr");
+    f.expect(Read, "/src/b.c");
+    f.expect(Write, "/src/b.c");
+    // mkdir, rmdir.
+    fs::create_dir(f.v("/src/d")).expect("mkdir");
+    f.expect(Mkdir, "/src/d");
+    fs::remove_dir(f.v("/src/d")).expect("rmdir");
+    f.expect(Rmdir, "/src/d");
+    // symlink: path is the link, to its text.
+    symlink("../etc/conf", f.v("/src/sl")).expect("symlink");
+    assert!(f.log().contains(&(
+        Symlink,
+        PathBuf::from("/src/sl"),
+        Some(PathBuf::from("../etc/conf"))
+    )));
+    // link: path is the existing file, to the new name.
+    fs::hard_link(f.v("/src/a.c"), f.v("/src/a2.c")).expect("link");
+    assert!(f.log().contains(&(
+        Link,
+        PathBuf::from("/src/a.c"),
+        Some(PathBuf::from("/src/a2.c"))
+    )));
+    // rename: from, to.
+    fs::rename(f.v("/src/new.o"), f.v("/src/final.o")).expect("rename");
+    assert!(f.log().contains(&(
+        Rename,
+        PathBuf::from("/src/new.o"),
+        Some(PathBuf::from("/src/final.o"))
+    )));
+    // setattr.
+    fs::set_permissions(f.v("/src/final.o"), fs::Permissions::from_mode(0o640)).expect("chmod");
+    f.expect(Setattr, "/src/final.o");
+    // delete.
+    fs::remove_file(f.v("/src/final.o")).expect("unlink");
+    f.expect(Delete, "/src/final.o");
+    // O_TRUNC is a write without a read.
+    File::create(f.v("/src/sub/c.h")).expect("truncate");
+    f.expect(Write, "/src/sub/c.h");
+    assert_eq!(f.count(Read, "/src/sub/c.h"), 0);
+    // Nothing is recorded twice.
+    let log = f.log();
+    let unique: BTreeSet<_> = log.iter().cloned().collect();
+    assert_eq!(unique.len(), log.len(), "duplicates in {log:#?}");
+    // The root is never recorded.
+    assert!(log.iter().all(|(_, p, _)| p != Path::new("/")));
+}
+
+fn absent_and_hidden_lookups() {
+    let f = Fixture::new(
+        |real| {
+            tree(real);
+            write(&real.join("src/secret/key"), b"k");
+            write(&real.join("src/x.swp"), b"s");
+        },
+        |opts| {
+            project(opts);
+            opts.hide.push("/src/secret".into());
+            opts.hide.push("/src/*.swp".into());
+        },
+    );
+    use AccessKind::*;
+    assert_eq!(errno_of(fs::metadata(f.v("/src/secret"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::metadata(f.v("/src/secret/key"))), libc::ENOENT);
+    assert_eq!(errno_of(File::open(f.v("/src/x.swp"))), libc::ENOENT);
+    f.expect(Hidden, "/src/secret");
+    f.expect(Hidden, "/src/x.swp");
+    assert_eq!(f.count(Stat, "/src/secret"), 0);
+    assert_eq!(names(&f.v("/src")), set(&["a.c", "b.c", "sub", "link"]));
+    // Creating a hidden name is refused and recorded as a hidden access.
+    assert_eq!(errno_of(fs::write(f.v("/src/y.swp"), b"")), libc::EACCES);
+    f.expect(Hidden, "/src/y.swp");
+    assert!(f.r("/src/secret/key").exists());
+    // Plain absence.
+    assert_eq!(
+        errno_of(fs::metadata(f.v("/usr/include/none.h"))),
+        libc::ENOENT
+    );
+    f.expect(Absent, "/usr");
+}
+
+fn internal_paths_are_never_recorded() {
+    let f = Fixture::new(
+        |real| {
+            tree(real);
+            write(&real.join("src/.cot/db"), b"state");
+        },
+        |opts| {
+            project(opts);
+            opts.internal.push("/src/.cot".into());
+        },
+    );
+    assert_eq!(errno_of(fs::metadata(f.v("/src/.cot"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::read(f.v("/src/.cot/db"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::create_dir(f.v("/src/.cot"))), libc::EACCES);
+    assert!(!names(&f.v("/src")).contains(OsStr::new(".cot")));
+    // The directory holding it cannot be removed or moved away.
+    fs::remove_file(f.v("/src/a.c")).expect("unlink");
+    assert_eq!(errno_of(fs::rename(f.v("/src"), f.v("/src2"))), libc::EROFS);
+    f.expect_none("/src/.cot");
+}
+
+fn mountpoints_are_synthetic_and_unrecorded() {
+    let f = Fixture::new(tree, |opts| {
+        project(opts);
+        opts.mountpoints = vec!["/proc".into(), "/dev/pts".into(), "/etc".into()];
+    });
+    let root = names(&f.v("/"));
+    for n in ["proc", "dev", "etc", "src"] {
+        assert!(root.contains(OsStr::new(n)), "{n} missing from {root:?}");
+    }
+    let md = fs::metadata(f.v("/dev/pts")).expect("synthetic dir");
+    assert!(md.is_dir());
+    assert_eq!(md.mode() & 0o7777, 0o755);
+    assert!(fs::metadata(f.v("/proc")).expect("proc").is_dir());
+    // A real directory listed as a mount point is served as is.
+    assert!(names(&f.v("/etc")).contains(OsStr::new("conf")));
+    fs::metadata(f.v("/etc/conf")).expect("stat conf");
+    f.expect_none("/proc");
+    f.expect_none("/dev");
+    assert_eq!(f.count(AccessKind::Stat, "/etc"), 0);
+    f.expect(AccessKind::Stat, "/etc/conf");
+}
+
+fn writes_outside_writable_fail_erofs() {
+    let f = Fixture::new(tree, project);
+    let erofs = libc::EROFS;
+    assert_eq!(errno_of(fs::write(f.v("/etc/new"), b"x")), erofs);
+    assert_eq!(
+        errno_of(OpenOptions::new().append(true).open(f.v("/etc/conf"))),
+        erofs
+    );
+    assert_eq!(errno_of(fs::remove_file(f.v("/etc/conf"))), erofs);
+    assert_eq!(errno_of(fs::create_dir(f.v("/etc/d"))), erofs);
+    assert_eq!(
+        errno_of(fs::rename(f.v("/etc/conf"), f.v("/src/conf"))),
+        erofs
+    );
+    assert_eq!(
+        errno_of(fs::rename(f.v("/src/a.c"), f.v("/etc/a.c"))),
+        erofs
+    );
+    assert_eq!(
+        errno_of(fs::hard_link(f.v("/etc/conf"), f.v("/src/conf"))),
+        erofs
+    );
+    assert_eq!(
+        errno_of(fs::set_permissions(
+            f.v("/etc/conf"),
+            fs::Permissions::from_mode(0o600)
+        )),
+        erofs
+    );
+    assert_eq!(errno_of(symlink("x", f.v("/etc/sl"))), erofs);
+    assert_eq!(read(&f.r("/etc/conf")), b"conf\n");
+    assert!(!f.r("/etc/new").exists());
+    assert_eq!(
+        fs::read_dir(&f.layer).expect("layer").count(),
+        0,
+        "nothing copied up"
+    );
+}
+
+fn copy_on_write_keeps_real_tree_untouched() {
+    let f = Fixture::new(tree, project);
+    write(&f.v("/src/a.c"), b"int a = 2;\n");
+    write(&f.v("/src/new/deep/x.o"), b"x");
+    fs::remove_file(f.v("/src/b.c")).expect("unlink");
+    fs::rename(f.v("/src/sub/c.h"), f.v("/src/c.h")).expect("rename");
+    OpenOptions::new()
+        .append(true)
+        .open(f.v("/src/c.h"))
+        .expect("append")
+        .write_all(b"more\n")
+        .expect("append write");
+    // The thunk sees its changes at once, listings included.
+    assert_eq!(read(&f.v("/src/a.c")), b"int a = 2;\n");
+    assert_eq!(read(&f.v("/src/c.h")), b"#define C\nmore\n");
+    assert_eq!(
+        names(&f.v("/src")),
+        set(&["a.c", "c.h", "link", "new", "sub"])
+    );
+    assert!(names(&f.v("/src/sub")).is_empty());
+    assert_eq!(errno_of(fs::metadata(f.v("/src/b.c"))), libc::ENOENT);
+    assert_eq!(read(&f.v("/src/new/deep/x.o")), b"x");
+    // A deleted name can be created again.
+    write(&f.v("/src/b.c"), b"again");
+    assert_eq!(read(&f.v("/src/b.c")), b"again");
+    // The real tree is untouched.
+    assert_eq!(read(&f.r("/src/a.c")), b"int a;\n");
+    assert_eq!(read(&f.r("/src/b.c")), b"int b;\n");
+    assert_eq!(read(&f.r("/src/sub/c.h")), b"#define C\n");
+    assert!(!f.r("/src/c.h").exists());
+    assert!(!f.r("/src/new").exists());
+}
+
+fn commit_applies_the_merged_view() {
+    let mut f = Fixture::new(
+        |real| {
+            tree(real);
+            write(&real.join("src/old/x"), b"x");
+            write(&real.join("src/old/y/z"), b"z");
+        },
+        project,
+    );
+    write(&f.v("/src/a.c"), b"changed");
+    write(&f.v("/src/gen/out.o"), b"object");
+    fs::set_permissions(f.v("/src/gen/out.o"), fs::Permissions::from_mode(0o751)).expect("chmod");
+    fs::set_permissions(f.v("/src/b.c"), fs::Permissions::from_mode(0o600)).expect("chmod lower");
+    fs::remove_dir_all(f.v("/src/old")).expect("rm -r");
+    fs::rename(f.v("/src/sub/c.h"), f.v("/src/c2.h")).expect("rename");
+    symlink("gen/out.o", f.v("/src/latest")).expect("symlink");
+    fs::create_dir(f.v("/src/empty")).expect("mkdir");
+    fs::set_permissions(f.v("/src/empty"), fs::Permissions::from_mode(0o711)).expect("chmod dir");
+    let summary = f.handle.commit().expect("commit");
+    // Later changes are refused: the layer is gone.
+    assert_eq!(errno_of(fs::write(f.v("/src/late"), b"")), libc::EROFS);
+    f.unmount();
+    assert_eq!(read(&f.r("/src/a.c")), b"changed");
+    assert_eq!(read(&f.r("/src/gen/out.o")), b"object");
+    assert_eq!(
+        fs::metadata(f.r("/src/gen/out.o")).expect("out.o").mode() & 0o7777,
+        0o751
+    );
+    assert_eq!(
+        fs::metadata(f.r("/src/b.c")).expect("b.c").mode() & 0o7777,
+        0o600
+    );
+    assert_eq!(read(&f.r("/src/b.c")), b"int b;\n");
+    assert!(!f.r("/src/old").exists());
+    assert!(!f.r("/src/sub/c.h").exists());
+    assert_eq!(read(&f.r("/src/c2.h")), b"#define C\n");
+    assert_eq!(
+        fs::read_link(f.r("/src/latest")).expect("link"),
+        Path::new("gen/out.o")
+    );
+    assert_eq!(
+        fs::metadata(f.r("/src/empty")).expect("empty").mode() & 0o7777,
+        0o711
+    );
+    assert!(!f.layer.exists(), "layer dir removed");
+    assert_eq!(summary.symlinks, 1);
+    assert!(summary.files >= 4, "{summary:?}");
+    assert!(summary.dirs >= 2, "{summary:?}");
+    assert!(summary.deleted >= 4, "{summary:?}");
+    assert!(f.handle.commit().is_err(), "a second commit is refused");
+}
+
+fn commit_replaces_changed_types() {
+    let mut f = Fixture::new(
+        |real| {
+            write(&real.join("w/file_to_dir"), b"f");
+            write(&real.join("w/dir_to_file/inner"), b"i");
+            write(&real.join("w/dir_to_link/inner"), b"i");
+        },
+        |opts| opts.writable.push("/w".into()),
+    );
+    fs::remove_file(f.v("/w/file_to_dir")).expect("unlink");
+    fs::create_dir(f.v("/w/file_to_dir")).expect("mkdir");
+    write(&f.v("/w/file_to_dir/now"), b"n");
+    fs::remove_dir_all(f.v("/w/dir_to_file")).expect("rm -r");
+    write(&f.v("/w/dir_to_file"), b"file now");
+    fs::remove_dir_all(f.v("/w/dir_to_link")).expect("rm -r");
+    symlink("file_to_dir", f.v("/w/dir_to_link")).expect("symlink");
+    // The re-created directory shows none of the old content.
+    assert_eq!(names(&f.v("/w/file_to_dir")), set(&["now"]));
+    f.handle.commit().expect("commit");
+    f.unmount();
+    assert_eq!(read(&f.r("/w/file_to_dir/now")), b"n");
+    assert_eq!(read(&f.r("/w/dir_to_file")), b"file now");
+    assert_eq!(
+        fs::read_link(f.r("/w/dir_to_link")).expect("link"),
+        Path::new("file_to_dir")
+    );
+}
+
+fn discard_leaves_real_tree_untouched() {
+    let mut f = Fixture::new(tree, project);
+    write(&f.v("/src/a.c"), b"changed");
+    fs::remove_dir_all(f.v("/src/sub")).expect("rm -r");
+    write(&f.v("/src/n"), b"n");
+    f.handle.discard().expect("discard");
+    f.unmount();
+    assert_eq!(read(&f.r("/src/a.c")), b"int a;\n");
+    assert_eq!(read(&f.r("/src/sub/c.h")), b"#define C\n");
+    assert!(!f.r("/src/n").exists());
+    assert!(!f.layer.exists());
+}
+
+fn rename_of_lower_directory_moves_subtree() {
+    let mut f = Fixture::new(
+        |real| {
+            write(&real.join("w/d/one"), b"1");
+            write(&real.join("w/d/sub/two"), b"2");
+            write(&real.join("w/d/gone"), b"g");
+        },
+        |opts| opts.writable.push("/w".into()),
+    );
+    // An open reader of a file in the moved directory keeps seeing the right file.
+    let mut reader = File::open(f.v("/w/d/one")).expect("open one");
+    fs::remove_file(f.v("/w/d/gone")).expect("unlink");
+    write(&f.v("/w/d/sub/three"), b"3");
+    fs::rename(f.v("/w/d"), f.v("/w/e")).expect("rename dir");
+    assert_eq!(errno_of(fs::metadata(f.v("/w/d"))), libc::ENOENT);
+    assert_eq!(names(&f.v("/w/e")), set(&["one", "sub"]));
+    assert_eq!(names(&f.v("/w/e/sub")), set(&["two", "three"]));
+    assert_eq!(read(&f.v("/w/e/sub/two")), b"2");
+    write(&f.v("/w/e/one"), b"1 changed");
+    let mut got = Vec::new();
+    reader.read_to_end(&mut got).expect("read moved");
+    assert_eq!(got, b"1 changed");
+    drop(reader);
+    // A new directory at the old name is empty.
+    fs::create_dir(f.v("/w/d")).expect("mkdir again");
+    assert!(names(&f.v("/w/d")).is_empty());
+    f.handle.commit().expect("commit");
+    f.unmount();
+    assert!(f.r("/w/d").is_dir());
+    assert!(names(&f.r("/w/d")).is_empty());
+    assert_eq!(read(&f.r("/w/e/one")), b"1 changed");
+    assert_eq!(read(&f.r("/w/e/sub/two")), b"2");
+    assert_eq!(read(&f.r("/w/e/sub/three")), b"3");
+    assert!(!f.r("/w/e/gone").exists());
+}
+
+fn odd_names_round_trip() {
+    let bad = OsString::from_vec(b"bad\xff\xfe name".to_vec());
+    let newline = OsString::from("new\nline");
+    let mut f = Fixture::new(
+        |real| {
+            write(&real.join("w").join(&bad), b"bytes");
+            write(&real.join("w/with space"), b"space");
+        },
+        |opts| opts.writable.push("/w".into()),
+    );
+    let w = f.v("/w");
+    assert_eq!(
+        names(&w),
+        [bad.clone(), OsString::from("with space")]
+            .into_iter()
+            .collect()
+    );
+    assert_eq!(read(&w.join(&bad)), b"bytes");
+    write(&w.join(&newline), b"nl");
+    let bad2 = OsString::from_vec(b"\x80\x81".to_vec());
+    fs::rename(w.join(&bad), w.join(&bad2)).expect("rename odd");
+    let view_bad = PathBuf::from("/w").join(&bad);
+    assert!(f
+        .log()
+        .iter()
+        .any(|(k, p, _)| *k == AccessKind::Read && *p == view_bad));
+    assert!(f
+        .log()
+        .iter()
+        .any(|(k, p, _)| *k == AccessKind::Write && *p == Path::new("/w/new\nline")));
+    f.handle.commit().expect("commit");
+    f.unmount();
+    assert_eq!(read(&f.r("/w").join(&bad2)), b"bytes");
+    assert_eq!(read(&f.r("/w").join(&newline)), b"nl");
+    assert!(!f.r("/w").join(&bad).exists());
+}
+
+fn unlinked_open_file_keeps_working() {
+    let f = Fixture::new(tree, project);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(f.v("/src/tmp"))
+        .expect("create");
+    file.write_all(b"hello").expect("write");
+    fs::remove_file(f.v("/src/tmp")).expect("unlink");
+    assert_eq!(file.metadata().expect("fstat").len(), 5);
+    file.seek(SeekFrom::Start(0)).expect("seek");
+    let mut got = String::new();
+    file.read_to_string(&mut got).expect("read");
+    assert_eq!(got, "hello");
+    // The name is free for a new, different file.
+    write(&f.v("/src/tmp"), b"other");
+    assert_eq!(read(&f.v("/src/tmp")), b"other");
+    assert_eq!(file.metadata().expect("fstat").len(), 5);
+    // A deleted real file still open for reading cannot be reopened for writing.
+    let reader = File::open(f.v("/src/b.c")).expect("open b.c");
+    fs::remove_file(f.v("/src/b.c")).expect("unlink b.c");
+    let proc_fd = format!("/proc/self/fd/{}", reader.as_raw_fd());
+    assert_eq!(
+        errno_of(OpenOptions::new().write(true).open(&proc_fd)),
+        libc::EROFS
+    );
+    assert_eq!(read(Path::new(&proc_fd)), b"int b;\n");
+    assert_eq!(read(&f.r("/src/b.c")), b"int b;\n");
+}
+
+fn handle_is_shareable() {
+    fn check<T: Clone + Send + Sync + 'static>() {}
+    fn check_send<T: Send + 'static>() {}
+    check::<Handle>();
+    check_send::<ProxyFs>();
+    check_send::<Server>();
+}
+
+// ----- data paths -----
+
+fn data_paths(passthrough: bool) {
+    const BIG: usize = 9 * 1024 * 1024 + 123;
+    let lower = pattern(BIG, 1);
+    let lower2 = lower.clone();
+    let f = Fixture::new(
+        move |real| {
+            write(&real.join("ro/big"), &lower2);
+            write(&real.join("w/big"), &lower2);
+        },
+        move |opts| {
+            opts.writable.push("/w".into());
+            opts.passthrough = passthrough;
+        },
+    );
+    assert_eq!(f.handle.passthrough_active(), passthrough);
+    assert_eq!(read(&f.v("/ro/big")), lower);
+    let stats = f.handle.stats();
+    if passthrough {
+        assert_eq!(
+            stats.reads, 0,
+            "passthrough reads reached the daemon: {stats:?}"
+        );
+        assert_eq!(stats.passthrough_opens, stats.opens, "{stats:?}");
+    } else {
+        assert!(stats.reads > 0, "{stats:?}");
+    }
+    // Positioned reads across the file.
+    let mut file = File::open(f.v("/ro/big")).expect("open");
+    for off in [0u64, 4095, 1 << 20, BIG as u64 - 10] {
+        file.seek(SeekFrom::Start(off)).expect("seek");
+        let mut buf = [0u8; 10];
+        file.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf[..], &lower[off as usize..off as usize + 10]);
+    }
+    // Rewrite part of a lower file: copy-up, then partial writes.
+    let mut w = OpenOptions::new()
+        .write(true)
+        .open(f.v("/w/big"))
+        .expect("open w");
+    w.seek(SeekFrom::Start(5 << 20)).expect("seek");
+    w.write_all(&[7u8; 100_000]).expect("write");
+    w.seek(SeekFrom::End(0)).expect("seek end");
+    w.write_all(b"tail").expect("append");
+    drop(w);
+    let mut expected = lower.clone();
+    expected[5 << 20..(5 << 20) + 100_000].fill(7);
+    expected.extend_from_slice(b"tail");
+    assert_eq!(read(&f.v("/w/big")), expected);
+    assert_eq!(
+        fs::metadata(f.v("/w/big")).expect("stat").len(),
+        expected.len() as u64
+    );
+    assert_eq!(read(&f.r("/w/big")), lower, "real file untouched");
+    // A new big file, written and read back.
+    let fresh = pattern(3 << 20, 9);
+    write(&f.v("/w/new"), &fresh);
+    assert_eq!(read(&f.v("/w/new")), fresh);
+    // Truncate through the open file and by path.
+    let t = OpenOptions::new()
+        .write(true)
+        .open(f.v("/w/new"))
+        .expect("open");
+    t.set_len(1000).expect("ftruncate");
+    drop(t);
+    assert_eq!(read(&f.v("/w/new")), &fresh[..1000]);
+    if passthrough {
+        let stats = f.handle.stats();
+        assert_eq!(stats.reads + stats.writes, 0, "{stats:?}");
+        assert_eq!(stats.passthrough_opens, stats.opens, "{stats:?}");
+    }
+    // mmap, shared and writable, when python3 is there to do it.
+    if let Some(python) = python3() {
+        let mut head = OpenOptions::new()
+            .write(true)
+            .open(f.v("/w/new"))
+            .expect("open");
+        head.write_all(b"abcd").expect("write head");
+        drop(head);
+        let status = Command::new(python)
+            .arg("-c")
+            .arg(
+                "import mmap,sys\n\
+                 f=open(sys.argv[1],'r+b'); m=mmap.mmap(f.fileno(),0)\n\
+                 assert m[0:4]==b'abcd', m[0:4]\n\
+                 m[0:4]=b'MMAP'; m.flush(); m.close(); f.close()",
+            )
+            .arg(f.v("/w/new"))
+            .status()
+            .expect("run python3");
+        assert!(status.success(), "mmap through the view failed");
+        assert_eq!(&read(&f.v("/w/new"))[..4], b"MMAP");
+    } else {
+        eprintln!("note: python3 not found, shared mmap not exercised");
+    }
+}
+
+fn python3() -> Option<&'static str> {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
+fn data_path_userspace() {
+    data_paths(false);
+}
+
+fn data_path_passthrough() {
+    data_paths(true);
+}
+
+fn copy_up_while_reader_open(passthrough: bool) {
+    let f = Fixture::new(
+        |real| write(&real.join("w/f"), b"old content\n"),
+        move |opts| {
+            opts.writable.push("/w".into());
+            opts.passthrough = passthrough;
+        },
+    );
+    let mut reader = File::open(f.v("/w/f")).expect("open reader");
+    let mut buf = [0u8; 4];
+    reader.read_exact(&mut buf).expect("read");
+    assert_eq!(&buf, b"old ");
+    // Opening for writing copies the file up while the reader is open.
+    let mut writer = OpenOptions::new()
+        .write(true)
+        .open(f.v("/w/f"))
+        .expect("open writer");
+    writer.write_all(b"NEW content\n").expect("write");
+    drop(writer);
+    let mut rest = Vec::new();
+    reader.seek(SeekFrom::Start(0)).expect("rewind");
+    reader.read_to_end(&mut rest).expect("read rest");
+    assert_eq!(
+        rest, b"NEW content\n",
+        "the open reader sees the thunk's write"
+    );
+    // A second reader and writer at once.
+    let r2 = File::open(f.v("/w/f")).expect("second reader");
+    let mut w2 = OpenOptions::new()
+        .append(true)
+        .open(f.v("/w/f"))
+        .expect("second writer");
+    w2.write_all(b"more\n").expect("append");
+    drop((r2, w2));
+    assert_eq!(read(&f.v("/w/f")), b"NEW content\nmore\n");
+    assert_eq!(read(&f.r("/w/f")), b"old content\n");
+}
+
+fn copy_up_while_reader_open_userspace() {
+    copy_up_while_reader_open(false);
+}
+
+fn copy_up_while_reader_open_passthrough() {
+    copy_up_while_reader_open(true);
+}
+
+fn concurrent_opens_share_one_backing() {
+    let f = Fixture::new(
+        |real| {
+            write(&real.join("ro/f"), b"read only");
+            write(&real.join("w/g"), b"gee");
+        },
+        |opts| {
+            opts.writable.push("/w".into());
+            opts.passthrough = true;
+        },
+    );
+    // Many threads opening the same files at once, readers and writers mixed.
+    let ro = f.v("/ro/f");
+    let g = f.v("/w/g");
+    write(&g, b"upper now");
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let ro = ro.clone();
+            let g = g.clone();
+            s.spawn(move || {
+                for _ in 0..50 {
+                    assert_eq!(read(&ro), b"read only");
+                    if i % 2 == 0 {
+                        let file = OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .open(&g)
+                            .expect("rw");
+                        drop(file);
+                    } else {
+                        assert_eq!(read(&g), b"upper now");
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn exec_and_mmap_through_the_view() {
+    let bin = ["/usr/bin/true", "/bin/true"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("a true binary");
+    for passthrough in [false, true] {
+        let f = Fixture::new(
+            |real| {
+                fs::create_dir_all(real.join("bin")).expect("bin");
+                fs::copy(bin, real.join("bin/true")).expect("copy true");
+            },
+            move |opts| opts.passthrough = passthrough,
+        );
+        let status = Command::new(f.v("/bin/true"))
+            .status()
+            .expect("exec from the view");
+        assert!(status.success());
+        f.expect(AccessKind::Read, "/bin/true");
+    }
+}
+
+fn binds_map_view_subtrees() {
+    let other = tempfile::tempdir().expect("tempdir");
+    let proj = other.path().join("proj");
+    write(&proj.join("main.c"), b"int main;");
+    write(&proj.join("sub/x.h"), b"x");
+    let proj2 = proj.clone();
+    let mut f = Fixture::new(
+        |real| write(&real.join("usr/include/stdio.h"), b"stdio"),
+        move |opts| {
+            opts.binds.push(("/home/u/proj".into(), proj2));
+            opts.writable.push("/home/u/proj".into());
+        },
+    );
+    // The ancestors the real root lacks are synthetic, unrecorded directories.
+    assert!(names(&f.v("/")).contains(OsStr::new("home")));
+    assert_eq!(names(&f.v("/home/u")), set(&["proj"]));
+    assert_eq!(read(&f.v("/home/u/proj/main.c")), b"int main;");
+    assert_eq!(read(&f.v("/usr/include/stdio.h")), b"stdio");
+    f.expect(AccessKind::Read, "/home/u/proj/main.c");
+    f.expect_none("/home/u/proj/sub");
+    assert_eq!(f.count(AccessKind::Stat, "/home"), 0);
+    // Writes land in the bound directory at commit.
+    write(&f.v("/home/u/proj/out/main.o"), b"obj");
+    fs::remove_file(f.v("/home/u/proj/sub/x.h")).expect("unlink");
+    assert_eq!(errno_of(fs::remove_dir(f.v("/home/u/proj"))), libc::EBUSY);
+    assert_eq!(errno_of(fs::write(f.v("/home/u/other"), b"")), libc::EROFS);
+    f.handle.commit().expect("commit");
+    f.unmount();
+    assert_eq!(read(&proj.join("out/main.o")), b"obj");
+    assert!(!proj.join("sub/x.h").exists());
+    assert!(!f.r("/home").exists());
+}
+
+fn parallel_writers_commit_consistently() {
+    let mut f = Fixture::new(
+        |real| {
+            for t in 0..4 {
+                write(&real.join(format!("w/t{t}/old")), b"old");
+            }
+        },
+        |opts| {
+            opts.writable.push("/w".into());
+            opts.passthrough = true;
+        },
+    );
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let dir = f.v(&format!("/w/t{t}"));
+            s.spawn(move || {
+                for j in 0..40 {
+                    let tmp = dir.join(format!("tmp{j}"));
+                    write(&tmp, format!("{t}-{j}").as_bytes());
+                    fs::rename(&tmp, dir.join(format!("f{j}"))).expect("rename");
+                    if j % 4 == 0 {
+                        fs::remove_file(dir.join(format!("f{j}"))).expect("unlink");
+                    }
+                }
+                fs::remove_file(dir.join("old")).expect("unlink old");
+                fs::create_dir(dir.join("d")).expect("mkdir");
+            });
+        }
+    });
+    let expected: BTreeSet<OsString> = (0..40)
+        .filter(|j| j % 4 != 0)
+        .map(|j| OsString::from(format!("f{j}")))
+        .chain([OsString::from("d")])
+        .collect();
+    for t in 0..4 {
+        assert_eq!(names(&f.v(&format!("/w/t{t}"))), expected);
+    }
+    f.handle.commit().expect("commit");
+    f.unmount();
+    for t in 0..4 {
+        assert_eq!(names(&f.r(&format!("/w/t{t}"))), expected);
+        assert_eq!(
+            read(&f.r(&format!("/w/t{t}/f5"))),
+            format!("{t}-5").as_bytes()
+        );
+    }
+}
