@@ -1,0 +1,148 @@
+//! `cot run [OPTIONS] -- CMD [ARGS...]`
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::engine::env::{thunk_env, EnvRule};
+use crate::engine::{self, RunOptions, Thunk};
+
+/// Run one command as a thunk in the sandbox and record every file it accessed
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Run one command as a thunk in the sandbox and record every file it accessed.\n\n\
+The command runs in new mount, pid, uts, ipc and network (loopback only) namespaces, as root \
+directly or, for other users, inside a user namespace mapping the caller's uid and gid. Its `/` is \
+cot's FUSE view of the real system (or of --system-root); /proc is its own, /dev holds only the \
+usual devices, /sys is read-only and /tmp is private and empty. The working directory, stdin, \
+stdout and stderr are the caller's.\n\n\
+Only the project directory (the nearest ancestor holding .cot/, else the working directory), the \
+private /tmp and --writable directories are writable; elsewhere writes fail with EROFS. Writes are \
+kept in a layer and committed to the real filesystem only when the command exits 0.\n\n\
+Exit status: the command's own; 128+N when it was killed by signal N; 125 when cot itself failed; \
+126 when the command cannot be executed; 127 when it is not found.",
+    after_help = "Examples:\n  \
+cot run -- make -j2\n  \
+cot run --trace-out trace.jsonl -- cc -c main.c\n  \
+cot run --hide '/home/*/.ssh/**' --env CC=clang -- ./build.sh"
+)]
+pub struct RunArgs {
+    /// Write every access as JSON lines to FILE (one access a line, e.g.
+    /// {"kind":"read","path":"/usr/include/stdio.h"}); a path that is not UTF-8 also gets an
+    /// exact base64 copy in "path_b64" (and "to_b64")
+    #[arg(long, value_name = "FILE")]
+    trace_out: Option<PathBuf>,
+
+    /// Pass NAME from the caller's environment, or set NAME=VALUE (repeatable); by default only
+    /// PATH, HOME, LANG, LC_*, TERM and TZ pass through
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    env: Vec<OsString>,
+
+    /// Pass the caller's whole environment
+    #[arg(long)]
+    inherit_env: bool,
+
+    /// Make DIR writable too (repeatable)
+    #[arg(long, value_name = "DIR")]
+    writable: Vec<PathBuf>,
+
+    /// Make paths matching GLOB look absent (repeatable); each attempt is recorded as "hidden".
+    /// Globs match absolute paths; `*` stops at `/`, `**` crosses directories
+    #[arg(long, value_name = "GLOB")]
+    hide: Vec<String>,
+
+    /// Proxy DIR as the sandbox's `/` instead of the real system (e.g. a minimal Debian root
+    /// for hermetic builds); the project directory stays visible at its own path
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    system_root: PathBuf,
+
+    /// Run in a user namespace even as root (automatic for other users)
+    #[arg(long)]
+    rootless: bool,
+
+    /// Commit the command's writes even when it fails
+    #[arg(long)]
+    keep_failed: bool,
+
+    /// Serve file data through cot instead of kernel FUSE passthrough (slower; for comparison)
+    #[arg(long)]
+    no_passthrough: bool,
+
+    /// Report what was committed and how the view was served, on stderr
+    #[arg(short, long)]
+    verbose: bool,
+
+    /// The command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+pub fn run(args: RunArgs) -> Result<u8> {
+    let rules = args
+        .env
+        .iter()
+        .map(|arg| EnvRule::parse(arg))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let rootless = args.rootless || !nix::unistd::geteuid().is_root();
+    let thunk = Thunk {
+        argv: args.command,
+        env: thunk_env(std::env::vars_os(), &rules, args.inherit_env),
+        cwd,
+        system_root: args.system_root,
+        writable: args.writable,
+        hide: args.hide,
+        rootless,
+    };
+    // Open the trace file before running, so a bad path fails before the command runs.
+    let trace_out = match &args.trace_out {
+        Some(path) => Some(
+            File::create(path)
+                .with_context(|| format!("cannot create trace file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let options = RunOptions {
+        keep_failed: args.keep_failed,
+        no_passthrough: args.no_passthrough,
+    };
+    let report = engine::run(&thunk, &options)?;
+
+    if let (Some(file), Some(path)) = (trace_out, &args.trace_out) {
+        crate::trace::write_json_lines(&mut BufWriter::new(file), &report.accesses)
+            .with_context(|| format!("cannot write trace file {}", path.display()))?;
+    }
+    if let Some(message) = report.message() {
+        eprintln!("cot: {message}");
+    }
+    if args.verbose {
+        let data_path = if report.passthrough {
+            "kernel passthrough"
+        } else {
+            "userspace"
+        };
+        eprintln!(
+            "cot: {} accesses recorded, file data served by {data_path}, {:.1} ms",
+            report.accesses.len(),
+            report.duration.as_secs_f64() * 1000.0
+        );
+        match &report.committed {
+            Some(c) => eprintln!(
+                "cot: committed {} files, {} directories, {} symlinks, {} deletions ({} bytes) under {}",
+                c.files,
+                c.dirs,
+                c.symlinks,
+                c.deleted,
+                c.bytes,
+                report.project_root.display()
+            ),
+            None => eprintln!("cot: nothing committed"),
+        }
+    }
+    Ok(u8::try_from(report.exit_code()).unwrap_or(u8::MAX))
+}

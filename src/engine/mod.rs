@@ -1,0 +1,262 @@
+//! Running one thunk: declare what it may see and write, run it in the sandbox on the FUSE
+//! root, commit its writes only when it succeeds, and report exactly what it accessed.
+//!
+//! The engine composes [`cot_fusefs`] (what the thunk sees, and the log of what it touched) and
+//! [`cot_sandbox`] (namespaces, mounts, the process); neither of those knows the other.
+
+pub mod env;
+pub mod project;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cot_fusefs::{Access, CommitSummary, Options, ProxyFs};
+use cot_sandbox::{Outcome, Spec};
+
+/// Where the sandbox's special filesystems are mounted over the FUSE root.
+const MOUNTPOINTS: [&str; 4] = ["/proc", "/dev", "/sys", "/tmp"];
+
+/// How long the kernel may cache lookups and attributes inside one thunk's view. Every thunk
+/// has its own mount, so nothing another thunk does can make these caches stale; writes of the
+/// thunk itself go through the mount and keep them coherent.
+const VIEW_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How long the FUSE session may take to end once the sandbox is gone.
+const SESSION_END_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One command to run as a thunk, and the sandbox options that change what it can see.
+#[derive(Clone, Debug)]
+pub struct Thunk {
+    pub argv: Vec<OsString>,
+    /// The complete environment of the command (see [`env::thunk_env`]).
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory, absolute; the same path inside and outside the sandbox.
+    pub cwd: PathBuf,
+    /// The tree proxied as the sandbox's `/`.
+    pub system_root: PathBuf,
+    /// Extra writable directories besides the project and the private `/tmp`.
+    pub writable: Vec<PathBuf>,
+    /// Globs of paths that look absent.
+    pub hide: Vec<String>,
+    /// Run in a user namespace (forced by `--rootless`, automatic when not root).
+    pub rootless: bool,
+}
+
+/// How to run a thunk, beyond what it is.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Commit the writes of a command that failed, too.
+    pub keep_failed: bool,
+    /// Never use kernel FUSE passthrough, even where available.
+    pub no_passthrough: bool,
+}
+
+/// What happened when a thunk ran.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    /// Every access, once per path and kind, in first-seen order.
+    pub accesses: Vec<Access>,
+    /// What was committed to the real filesystem, if anything.
+    pub committed: Option<CommitSummary>,
+    pub project_root: PathBuf,
+    pub passthrough: bool,
+    pub duration: Duration,
+}
+
+impl RunReport {
+    /// The exit status cot reports for this run, as a shell would: the command's own status,
+    /// 128+N when it was killed by signal N (or cot was interrupted by N), 126 when it could
+    /// not be executed, 127 when it was not found.
+    pub fn exit_code(&self) -> i32 {
+        match &self.outcome {
+            Outcome::Exited(code) => *code,
+            Outcome::Signaled(signal) | Outcome::Interrupted(signal) => 128 + signal,
+            Outcome::NotFound(_) => 127,
+            Outcome::CannotExecute { .. } => 126,
+        }
+    }
+
+    /// The one-line message cot prints for an outcome the command did not print itself.
+    pub fn message(&self) -> Option<String> {
+        match &self.outcome {
+            Outcome::Exited(_) => None,
+            Outcome::Signaled(signal) => {
+                Some(format!("command killed by signal {}", signal_name(*signal)))
+            }
+            Outcome::Interrupted(signal) => Some(format!(
+                "interrupted by signal {}: the command was stopped and nothing was committed",
+                signal_name(*signal)
+            )),
+            Outcome::NotFound(program) => {
+                Some(format!("command not found: {}", program.to_string_lossy()))
+            }
+            Outcome::CannotExecute { program, errno } => Some(format!(
+                "cannot execute {}: {}",
+                program.to_string_lossy(),
+                std::io::Error::from_raw_os_error(*errno)
+            )),
+        }
+    }
+
+    /// Whether the command succeeded, so that its writes are committed.
+    pub fn succeeded(&self) -> bool {
+        matches!(self.outcome, Outcome::Exited(0))
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| signal.to_string())
+}
+
+/// Failure of cot itself (as opposed to the command): exit status 125.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Sandbox(#[from] cot_sandbox::Error),
+    #[error(transparent)]
+    Fs(#[from] cot_fusefs::Error),
+    #[error("cannot prepare the layer for the thunk's writes: {0}")]
+    Layer(std::io::Error),
+    #[error("{path}: {message}")]
+    Path { path: PathBuf, message: String },
+    #[error("the filesystem session did not end after the command exited; nothing was committed")]
+    SessionStuck,
+}
+
+/// Runs one thunk to completion.
+///
+/// Must be called while the process is single-threaded (the sandbox forks); the FUSE server
+/// threads are started from inside [`cot_sandbox::launch`].
+pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
+    let started = Instant::now();
+    let spec = Spec {
+        argv: thunk.argv.clone(),
+        env: thunk.env.clone(),
+        cwd: thunk.cwd.clone(),
+        user_namespace: thunk.rootless,
+        fuse_fsname: "cot".into(),
+        hostname: None,
+    };
+    cot_sandbox::preflight(&spec)?;
+    let project_root = project::find_root(&thunk.cwd);
+    let layer = project::reserve_layer(&project_root).map_err(Error::Layer)?;
+    let passthrough =
+        !options.no_passthrough && !thunk.rootless && nix::unistd::geteuid().is_root();
+    let fs_options = fs_options(thunk, &project_root, &layer.dir, passthrough)?;
+    let (fs, handle) = ProxyFs::new(fs_options)?;
+    let mut server = None;
+    let sandbox = cot_sandbox::launch(&spec, |fd| {
+        server = Some(cot_fusefs::serve(fs, fd, fuse_threads()).map_err(|e| e.to_string())?);
+        Ok(())
+    });
+    let outcome = match sandbox {
+        Ok(sandbox) => sandbox.wait(),
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let _ = handle.discard();
+            return Err(e.into());
+        }
+    };
+    // The session ends once the sandbox's mount namespace is gone; wait for it so that no late
+    // request (a release, a flush) is still in flight when the layer is committed.
+    if let Some(server) = server.take() {
+        if !server.wait_timeout(SESSION_END_TIMEOUT) {
+            return Err(Error::SessionStuck);
+        }
+    }
+    let accesses = handle.accesses();
+    let mut report = RunReport {
+        outcome,
+        accesses,
+        committed: None,
+        project_root,
+        passthrough: handle.passthrough_active(),
+        duration: started.elapsed(),
+    };
+    let interrupted = matches!(report.outcome, Outcome::Interrupted(_));
+    if report.succeeded() || (options.keep_failed && !interrupted) {
+        report.committed = Some(handle.commit()?);
+    } else {
+        handle.discard()?;
+    }
+    drop(layer);
+    Ok(report)
+}
+
+fn fuse_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores * 2).clamp(2, 8)
+}
+
+/// Declares the thunk's view: the system root at `/`, the project and extra writable
+/// directories at their own paths (bound separately when the system root is another tree),
+/// mount points for the special filesystems, and cot's own state hidden.
+fn fs_options(
+    thunk: &Thunk,
+    project_root: &Path,
+    layer_dir: &Path,
+    passthrough: bool,
+) -> Result<Options, Error> {
+    let system_root = canonical(&thunk.system_root)?;
+    let mut writable = vec![project_root.to_path_buf()];
+    for dir in &thunk.writable {
+        let dir = canonical(dir)?;
+        if !dir.is_dir() {
+            return Err(Error::Path {
+                path: dir,
+                message: "--writable needs a directory".into(),
+            });
+        }
+        writable.push(dir);
+    }
+    let mut binds = vec![(PathBuf::from("/"), system_root.clone())];
+    let mut mountpoints: Vec<PathBuf> = MOUNTPOINTS.iter().map(PathBuf::from).collect();
+    if system_root != Path::new("/") {
+        for dir in &writable {
+            binds.push((dir.clone(), dir.clone()));
+            // The directories leading to a bound tree must exist in the view even when the
+            // system root lacks them.
+            for ancestor in dir.ancestors().skip(1) {
+                if ancestor != Path::new("/") && !mountpoints.iter().any(|m| m == ancestor) {
+                    mountpoints.push(ancestor.to_path_buf());
+                }
+            }
+        }
+    }
+    Ok(Options {
+        binds,
+        writable,
+        hide: thunk.hide.clone(),
+        internal: vec![project_root.join(project::STATE_DIR)],
+        mountpoints,
+        layer_dir: layer_dir.to_path_buf(),
+        passthrough,
+        ttl: VIEW_TTL,
+    })
+}
+
+fn canonical(path: &Path) -> Result<PathBuf, Error> {
+    std::fs::canonicalize(path).map_err(|e| Error::Path {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+impl fmt::Display for Thunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let words: Vec<String> = self
+            .argv
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        write!(f, "{}", words.join(" "))
+    }
+}

@@ -1,0 +1,11 @@
+//! cot: a build sandbox for Linux that records every file access exactly.
+//!
+//! A *thunk* is one command line run inside a sandbox whose root is cot's FUSE filesystem
+//! ([`cot_fusefs`]) set up by [`cot_sandbox`]. The [`engine`] composes the two: it declares what
+//! the thunk may see and write ([`engine::Thunk`]), runs it ([`engine::run`]), commits its writes
+//! only when it succeeds, and returns its [`engine::RunReport`] with the exact list of accesses.
+//! [`trace`] writes that list as JSON lines. [`cli`] is the thin command-line layer.
+
+pub mod cli;
+pub mod engine;
+pub mod trace;

@@ -1,0 +1,12 @@
+//! Integration tests of the `cot` binary: real FUSE mounts, real namespaces, real processes.
+//!
+//! Every test that needs the sandbox calls `require_sandbox!()`, which skips loudly when the
+//! machine cannot run it and fails instead under `COT_MUST_WORK=1`.
+
+mod harness;
+
+mod isolation;
+mod lifecycle;
+mod rootless;
+mod tracing;
+mod writes;
