@@ -108,6 +108,7 @@ fn main() {
             user_namespace,
             fuse_fsname: "cot".into(),
             hostname: None,
+            tmp_keep: Vec::new(),
         };
         let mut samples = Vec::with_capacity(runs);
         for _ in 0..runs {

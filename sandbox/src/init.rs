@@ -40,6 +40,7 @@ pub(crate) struct InitPlan {
     pub(crate) fsname: String,
     pub(crate) hostname: Option<String>,
     pub(crate) cwd: PathBuf,
+    pub(crate) tmp_keep: Vec<PathBuf>,
     pub(crate) program: Program,
 }
 
@@ -297,8 +298,43 @@ fn complete_root(plan: &InitPlan) -> Result<(), Failure> {
             );
         }
     }
+    // Directories kept from the root's /tmp are bound aside before the private tmpfs covers
+    // them, then bound back into it at the same path.
+    let aside: Vec<String> = (0..plan.tmp_keep.len())
+        .map(|i| format!("{STAGING}/keep-{i}"))
+        .collect();
+    for (keep, aside) in plan.tmp_keep.iter().zip(&aside) {
+        let shown = keep.to_string_lossy();
+        let staged = format!("{NEW_ROOT}{shown}");
+        fs::create_dir(aside).at("keep a directory of /tmp", Some(&shown))?;
+        mount(
+            Some(staged.as_str()),
+            aside.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .at("keep a directory of /tmp", Some(&shown))?;
+    }
     for step in ROOT_PLAN {
         run_step(step).at(&step.stage(), Some(&step.inside_path()))?;
+    }
+    for (keep, aside) in plan.tmp_keep.iter().zip(&aside) {
+        let shown = keep.to_string_lossy();
+        let staged = format!("{NEW_ROOT}{shown}");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&staged)
+            .at("keep a directory of /tmp", Some(&shown))?;
+        mount(
+            Some(aside.as_str()),
+            staged.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .at("keep a directory of /tmp", Some(&shown))?;
     }
     chdir(NEW_ROOT).at("enter the new root", Some("/"))?;
     // The old root ends up stacked on the new one at "."; detaching it leaves no path to it.

@@ -75,6 +75,7 @@ pub fn launch(
         fsname: spec.fuse_fsname.clone(),
         hostname: spec.hostname.clone(),
         cwd: spec.cwd.clone(),
+        tmp_keep: spec.tmp_keep.clone(),
         program: Program::new(spec)?,
     };
     ensure_single_threaded()?;

@@ -28,6 +28,11 @@ pub struct Spec {
     pub fuse_fsname: String,
     /// The host name inside the sandbox; `None` keeps the host's (in a new UTS namespace).
     pub hostname: Option<String>,
+    /// Directories strictly under `/tmp` of the root filesystem that stay visible inside the
+    /// sandbox's private `/tmp` (e.g. a project that lives in `/tmp`). They are bound from the
+    /// root filesystem itself, never from the host, and everything else in `/tmp` is still
+    /// private and empty.
+    pub tmp_keep: Vec<PathBuf>,
 }
 
 impl Spec {
@@ -68,6 +73,19 @@ impl Spec {
                 "filesystem name {:?} is empty or contains NUL",
                 self.fuse_fsname
             ));
+        }
+        for keep in &self.tmp_keep {
+            let under_tmp = keep.strip_prefix("/tmp").is_ok_and(|rest| {
+                !rest.as_os_str().is_empty()
+                    && rest
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)))
+            });
+            if !under_tmp || keep.as_os_str().as_bytes().contains(&0) {
+                return invalid(format!(
+                    "{keep:?} is not a directory strictly under /tmp (absolute, without ..)"
+                ));
+            }
         }
         if let Some(name) = &self.hostname {
             if name.is_empty() || name.len() > 64 || name.contains('\0') {
@@ -162,12 +180,16 @@ mod tests {
             user_namespace: false,
             fuse_fsname: "cot".into(),
             hostname: None,
+            tmp_keep: Vec::new(),
         }
     }
 
     #[test]
     fn a_plain_spec_is_valid() {
         assert!(spec().validate().is_ok());
+        let mut keeping = spec();
+        keeping.tmp_keep.push("/tmp/project/sub".into());
+        assert!(keeping.validate().is_ok());
     }
 
     #[test]
@@ -183,6 +205,13 @@ mod tests {
             ),
             (Box::new(|s| s.cwd = "relative".into()), "\"relative\""),
             (Box::new(|s| s.hostname = Some("x".repeat(65))), "host name"),
+            (Box::new(|s| s.tmp_keep.push("/tmp".into())), "\"/tmp\""),
+            (Box::new(|s| s.tmp_keep.push("/var/x".into())), "\"/var/x\""),
+            (
+                Box::new(|s| s.tmp_keep.push("/tmp/../etc".into())),
+                "\"/tmp/../etc\"",
+            ),
+            (Box::new(|s| s.tmp_keep.push("tmp/x".into())), "\"tmp/x\""),
         ];
         for (edit, expected) in cases {
             let mut s = spec();

@@ -134,3 +134,43 @@ fn concurrent_runs_in_one_directory() {
         assert_eq!(p.read(&format!("out{i}")), Some(format!("{i}\n")));
     }
 }
+
+#[test]
+fn a_project_under_tmp_stays_visible_in_the_private_tmp() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let project = tempfile::Builder::new()
+        .prefix("cot-in-tmp-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::create_dir(project.path().join(".cot")).unwrap();
+    std::fs::write(project.path().join("in"), "in").unwrap();
+    let neighbour = format!("/tmp/cot-neighbour-{}", std::process::id());
+    std::fs::write(&neighbour, "host").unwrap();
+    let output = std::process::Command::new(crate::harness::cot_bin())
+        .args(["run", "--", "sh", "-c"])
+        .arg(format!(
+            "pwd; cat in; echo out > out; ls -A /tmp; test -e {neighbour} && echo LEAK; exit 0"
+        ))
+        .current_dir(project.path())
+        .output()
+        .unwrap();
+    std::fs::remove_file(&neighbour).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let name = project
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(stdout, format!("{}\nin{name}\n", project.path().display()));
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("out")).unwrap(),
+        "out\n"
+    );
+}

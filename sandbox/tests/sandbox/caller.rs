@@ -45,6 +45,7 @@ pub fn main(args: &[OsString]) -> ! {
         user_namespace: false,
         fuse_fsname: "cot".into(),
         hostname: None,
+        tmp_keep: Vec::new(),
     };
     let mut repeat = 1;
     let mut time = false;
