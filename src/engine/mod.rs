@@ -16,7 +16,10 @@ use cot_fusefs::{Access, CommitSummary, Options, ProxyFs};
 use cot_sandbox::{Outcome, Spec};
 
 /// Where the sandbox's special filesystems are mounted over the FUSE root.
-const MOUNTPOINTS: [&str; 4] = ["/proc", "/dev", "/sys", "/tmp"];
+const MOUNTPOINTS: [&str; 4] = cot_sandbox::plan::MOUNT_POINTS;
+
+/// The sandbox's private, empty /tmp.
+const PRIVATE_TMP: &str = "/tmp";
 
 /// How long the kernel may cache lookups and attributes inside one thunk's view. Every thunk
 /// has its own mount, so nothing another thunk does can make these caches stale; writes of the
@@ -71,33 +74,15 @@ impl RunReport {
     /// 128+N when it was killed by signal N (or cot was interrupted by N), 126 when it could
     /// not be executed, 127 when it was not found.
     pub fn exit_code(&self) -> i32 {
-        match &self.outcome {
-            Outcome::Exited(code) => *code,
-            Outcome::Signaled(signal) | Outcome::Interrupted(signal) => 128 + signal,
-            Outcome::NotFound(_) => 127,
-            Outcome::CannotExecute { .. } => 126,
-        }
+        self.outcome.exit_code()
     }
 
     /// The one-line message cot prints for an outcome the command did not print itself.
     pub fn message(&self) -> Option<String> {
         match &self.outcome {
             Outcome::Exited(_) => None,
-            Outcome::Signaled(signal) => {
-                Some(format!("command killed by signal {}", signal_name(*signal)))
-            }
-            Outcome::Interrupted(signal) => Some(format!(
-                "interrupted by signal {}: the command was stopped and nothing was committed",
-                signal_name(*signal)
-            )),
-            Outcome::NotFound(program) => {
-                Some(format!("command not found: {}", program.to_string_lossy()))
-            }
-            Outcome::CannotExecute { program, errno } => Some(format!(
-                "cannot execute {}: {}",
-                program.to_string_lossy(),
-                std::io::Error::from_raw_os_error(*errno)
-            )),
+            Outcome::Interrupted(_) => Some(format!("{}; nothing was committed", self.outcome)),
+            other => Some(other.to_string()),
         }
     }
 
@@ -105,12 +90,6 @@ impl RunReport {
     pub fn succeeded(&self) -> bool {
         matches!(self.outcome, Outcome::Exited(0))
     }
-}
-
-fn signal_name(signal: i32) -> String {
-    nix::sys::signal::Signal::try_from(signal)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| signal.to_string())
 }
 
 /// Failure of cot itself (as opposed to the command): exit status 125.
@@ -134,6 +113,15 @@ pub enum Error {
 /// threads are started from inside [`cot_sandbox::launch`].
 pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
     let started = Instant::now();
+    let project_root = project::find_root(&thunk.cwd);
+    if project_root == Path::new(PRIVATE_TMP) {
+        return Err(Error::Path {
+            path: project_root,
+            message: "the project cannot be /tmp itself, which is private to each thunk; \
+                      run cot in a subdirectory"
+                .into(),
+        });
+    }
     let spec = Spec {
         argv: thunk.argv.clone(),
         env: thunk.env.clone(),
@@ -141,16 +129,29 @@ pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
         user_namespace: thunk.rootless,
         fuse_fsname: "cot".into(),
         hostname: None,
+        tmp_keep: Vec::new(),
     };
     cot_sandbox::preflight(&spec)?;
-    let project_root = project::find_root(&thunk.cwd);
     let layer = project::reserve_layer(&project_root).map_err(Error::Layer)?;
     let passthrough =
         !options.no_passthrough && !thunk.rootless && nix::unistd::geteuid().is_root();
     let fs_options = fs_options(thunk, &project_root, &layer.dir, passthrough)?;
+    // Writable roots that live in /tmp stay visible in the thunk's private /tmp.
+    let spec = Spec {
+        tmp_keep: fs_options
+            .writable
+            .iter()
+            .filter(|dir| dir.starts_with(PRIVATE_TMP) && *dir != Path::new(PRIVATE_TMP))
+            .cloned()
+            .collect(),
+        ..spec
+    };
     let (fs, handle) = ProxyFs::new(fs_options)?;
     let mut server = None;
     let sandbox = cot_sandbox::launch(&spec, |fd| {
+        // The server holds one descriptor per file the thunk has open. Raised here, after the
+        // sandbox was cloned, so the command keeps the caller's own limit.
+        raise_open_file_limit();
         server = Some(cot_fusefs::serve(fs, fd, fuse_threads()).map_err(|e| e.to_string())?);
         Ok(())
     });
@@ -189,6 +190,16 @@ pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
     }
     drop(layer);
     Ok(report)
+}
+
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            // Best effort: at the old limit the thunk can still open as many files as it could.
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
 }
 
 fn fuse_threads() -> usize {

@@ -22,16 +22,15 @@ fn exit_statuses() {
     assert_eq!(run.status, 127);
     assert_eq!(
         run.stderr.trim(),
-        "cot: command not found: no-such-command-xyz"
+        "cot: no-such-command-xyz: command not found"
     );
 
     p.write("not-exec", "#!/bin/sh\necho hi\n");
     let run = p.run(&[], &["./not-exec"]);
     assert_eq!(run.status, 126, "{}", run.describe());
-    assert!(
-        run.stderr.contains("cannot execute ./not-exec"),
-        "{}",
-        run.stderr
+    assert_eq!(
+        run.stderr.trim(),
+        "cot: ./not-exec: cannot execute: Permission denied"
     );
 }
 
