@@ -43,24 +43,6 @@ fn insert_path(object: &mut Map<String, Value>, key: &str, path: &OsStr) {
     }
 }
 
-/// Every access kind, for parsing names back.
-const KINDS: [AccessKind; 14] = [
-    AccessKind::Stat,
-    AccessKind::Read,
-    AccessKind::Readdir,
-    AccessKind::Readlink,
-    AccessKind::Absent,
-    AccessKind::Hidden,
-    AccessKind::Write,
-    AccessKind::Delete,
-    AccessKind::Rename,
-    AccessKind::Mkdir,
-    AccessKind::Rmdir,
-    AccessKind::Symlink,
-    AccessKind::Link,
-    AccessKind::Setattr,
-];
-
 /// Writes every access as JSON lines.
 pub fn write_json_lines(out: &mut impl Write, accesses: &[Access]) -> io::Result<()> {
     for access in accesses {
@@ -92,10 +74,7 @@ pub fn parse_json_lines(text: &str) -> Result<Vec<Access>, ParseError> {
             .get("kind")
             .and_then(Value::as_str)
             .ok_or_else(|| invalid("missing \"kind\"".into()))?;
-        let kind = KINDS
-            .iter()
-            .copied()
-            .find(|kind| kind.as_str() == kind_name)
+        let kind = AccessKind::from_name(kind_name)
             .ok_or_else(|| invalid(format!("unknown kind {kind_name:?}")))?;
         let path = read_path(&value, "path")
             .map_err(invalid)?
