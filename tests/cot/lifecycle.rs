@@ -160,24 +160,24 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 #[test]
-fn sigterm_ends_the_whole_tree_and_commits_nothing() {
+fn sigterm_and_sigint_end_the_whole_tree_and_commit_nothing() {
     require_sandbox!();
     let _machine = machine_shared();
-    let p = Project::new();
-    let token = format!("cot-sigterm-{}", std::process::id());
-    let child = start_sleeper(&p, &token);
-    assert!(!processes_with(&token).is_empty());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(128 + 15));
-    wait_until("the thunk's processes to go", || {
-        processes_with(&token).is_empty()
-    });
-    assert!(!p.exists("out"), "an interrupted thunk commits nothing");
+    use nix::sys::signal::Signal;
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let p = Project::new();
+        let token = format!("cot-{}-{}", signal.as_str(), std::process::id());
+        let child = start_sleeper(&p, &token);
+        assert!(!processes_with(&token).is_empty());
+        // Only cot gets the signal (a terminal's Ctrl-C would reach the command too).
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(128 + signal as i32), "{signal}");
+        wait_until("the thunk's processes to go", || {
+            processes_with(&token).is_empty()
+        });
+        assert!(!p.exists("out"), "an interrupted thunk commits nothing");
+    }
 }
 
 #[test]

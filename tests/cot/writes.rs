@@ -174,3 +174,81 @@ fn a_project_under_tmp_stays_visible_in_the_private_tmp() {
         "out\n"
     );
 }
+
+#[test]
+fn the_project_is_the_nearest_ancestor_holding_dot_cot() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let p = Project::new();
+    p.write("sub/deeper/in", "in");
+    let mut cmd = p.command(&[], &["sh", "-c", "echo top > ../../top; echo here > here"]);
+    cmd.current_dir(p.root().join("sub/deeper"));
+    let run = crate::harness::Run::from_output(cmd.output().unwrap(), &p.trace_path()).ok();
+    run.assert_has("write", p.path("top"));
+    assert_eq!(p.read("top").as_deref(), Some("top\n"));
+    assert_eq!(p.read("sub/deeper/here").as_deref(), Some("here\n"));
+}
+
+#[test]
+fn each_run_sees_its_own_first_accesses() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let p = Project::new();
+    p.write("in", "in");
+    // A second run must record the read again: the kernel's caches of one run's view are
+    // never those of another.
+    for _ in 0..2 {
+        p.sh("cat in; cat in").ok().assert_has("read", p.path("in"));
+    }
+}
+
+#[test]
+fn system_root_proxies_another_tree_with_the_project_at_its_own_path() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let busybox = std::path::Path::new("/bin/busybox");
+    if !busybox.exists() {
+        crate::harness::skip("busybox-static is not installed (scripts/setup installs it)");
+        return;
+    }
+    let root = tempfile::Builder::new()
+        .prefix("sysroot-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::create_dir(root.path().join("bin")).unwrap();
+    std::fs::copy(busybox, root.path().join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.path().join("bin/sh")).unwrap();
+    std::fs::write(root.path().join("marker"), "from the system root\n").unwrap();
+    let p = Project::new();
+    p.write("in", "project input\n");
+    let run = p.run(
+        &[
+            "--system-root",
+            root.path().to_str().unwrap(),
+            "--env",
+            "PATH=/bin",
+        ],
+        &[
+            "sh",
+            "-c",
+            "cat /marker in; test -e /etc/passwd || echo no-etc; echo out > out; busybox ls /",
+        ],
+    );
+    assert_eq!(run.status, 0, "{}", run.describe());
+    let mut lines = run.stdout.lines();
+    assert_eq!(lines.next(), Some("from the system root"));
+    assert_eq!(lines.next(), Some("project input"));
+    assert_eq!(
+        lines.next(),
+        Some("no-etc"),
+        "the host's /etc is not visible"
+    );
+    let listing: Vec<&str> = lines.flat_map(|l| l.split_whitespace()).collect();
+    assert_eq!(
+        listing,
+        ["bin", "dev", "marker", "proc", "sys", "tmp", "var"]
+    );
+    run.assert_has("read", "/marker");
+    run.assert_has("absent", "/etc");
+    assert_eq!(p.read("out").as_deref(), Some("out\n"));
+}
