@@ -550,20 +550,42 @@ impl ProxyFs {
             libc::S_IFSOCK => rustix::fs::FileType::Socket,
             _ => return Err(Errno::EPERM),
         };
+        let (path, attr) = self.make_entry(parent, name, uid, gid, |pdir, _| {
+            rustix::fs::mknodat(pdir, name, kind, Mode::from_raw_mode(mode & 0o7777), 0)
+        })?;
+        self.record(AccessKind::Write, &path, None);
+        Ok(attr)
+    }
+
+    /// Makes a new name in the upper layer, for mknod, mkdir and symlink: checks that the path
+    /// may be created and is absent, holds the layer for writing, creates the upper parent,
+    /// runs `make` in it (given the parent's metadata), gives the entry its owner, and returns
+    /// the path and its attributes on a fresh node.
+    fn make_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        uid: u32,
+        gid: u32,
+        make: impl FnOnce(BorrowedFd<'_>, &rustix::fs::Stat) -> rustix::io::Result<()>,
+    ) -> Result<(PathBuf, FileAttr), Errno> {
         let path = self.child_path(parent, name)?;
         self.check_new(&path)?;
         let mut state = self.inner.layer.write();
         Self::check_sealed(&state)?;
         self.check_absent(&state, &path)?;
         let (pdir, pst) = self.upper_parent(&mut state, &path)?;
-        rustix::fs::mknodat(&pdir, name, kind, Mode::from_raw_mode(mode & 0o7777), 0)
-            .map_err(|e| errno(e.into()))?;
+        make(pdir.as_fd(), &pst).map_err(|e| errno(e.into()))?;
         self.chown_new(pdir.as_fd(), name, self.new_owner(&pst, uid, gid))?;
         let st = real::stat_at(pdir.as_fd(), name).map_err(errno)?;
+        if real::is_dir(&st) {
+            // A directory made by the thunk shows nothing of the lower tree at its path.
+            state.upper_dirs.insert(path.clone());
+            state.opaque.insert(path.clone());
+            state.dirty_dirs.insert(path.clone());
+        }
         let ino = self.new_node(&path);
-        drop(state);
-        self.record(AccessKind::Write, &path, None);
-        Ok(real::attr(&st, ino))
+        Ok((path, real::attr(&st, ino)))
     }
 
     fn check_absent(&self, state: &LayerState, path: &Path) -> Result<(), Errno> {
@@ -582,26 +604,15 @@ impl ProxyFs {
         uid: u32,
         gid: u32,
     ) -> Result<FileAttr, Errno> {
-        let path = self.child_path(parent, name)?;
-        self.check_new(&path)?;
-        let mut state = self.inner.layer.write();
-        Self::check_sealed(&state)?;
-        self.check_absent(&state, &path)?;
-        let (pdir, pst) = self.upper_parent(&mut state, &path)?;
-        let mut mode = mode & 0o7777;
-        if pst.st_mode & libc::S_ISGID != 0 {
-            mode |= libc::S_ISGID;
-        }
-        rustix::fs::mkdirat(&pdir, name, Mode::from_raw_mode(mode)).map_err(|e| errno(e.into()))?;
-        self.chown_new(pdir.as_fd(), name, self.new_owner(&pst, uid, gid))?;
-        let st = real::stat_at(pdir.as_fd(), name).map_err(errno)?;
-        state.upper_dirs.insert(path.clone());
-        state.opaque.insert(path.clone());
-        state.dirty_dirs.insert(path.clone());
-        let ino = self.new_node(&path);
-        drop(state);
+        let (path, attr) = self.make_entry(parent, name, uid, gid, |pdir, pst| {
+            let mut mode = mode & 0o7777;
+            if pst.st_mode & libc::S_ISGID != 0 {
+                mode |= libc::S_ISGID;
+            }
+            rustix::fs::mkdirat(pdir, name, Mode::from_raw_mode(mode))
+        })?;
         self.record(AccessKind::Mkdir, &path, None);
-        Ok(real::attr(&st, ino))
+        Ok(attr)
     }
 
     pub(crate) fn symlink(
@@ -612,19 +623,11 @@ impl ProxyFs {
         uid: u32,
         gid: u32,
     ) -> Result<FileAttr, Errno> {
-        let path = self.child_path(parent, name)?;
-        self.check_new(&path)?;
-        let mut state = self.inner.layer.write();
-        Self::check_sealed(&state)?;
-        self.check_absent(&state, &path)?;
-        let (pdir, pst) = self.upper_parent(&mut state, &path)?;
-        rustix::fs::symlinkat(target, &pdir, name).map_err(|e| errno(e.into()))?;
-        self.chown_new(pdir.as_fd(), name, self.new_owner(&pst, uid, gid))?;
-        let st = real::stat_at(pdir.as_fd(), name).map_err(errno)?;
-        let ino = self.new_node(&path);
-        drop(state);
+        let (path, attr) = self.make_entry(parent, name, uid, gid, |pdir, _| {
+            rustix::fs::symlinkat(target, pdir, name)
+        })?;
         self.record(AccessKind::Symlink, &path, Some(target));
-        Ok(real::attr(&st, ino))
+        Ok(attr)
     }
 
     pub(crate) fn link(
