@@ -43,8 +43,49 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
-            eprintln!("cot: {error:#}");
+            eprintln!("cot: {}", one_line(&error));
             ExitCode::from(EXIT_COT_FAILED)
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once: library errors already include
+/// their source's text in their own message, so a cause already said is not repeated.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn causes_are_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = anyhow::Error::new(io).context("cannot create trace file /x/t");
+        assert_eq!(
+            one_line(&error),
+            "cannot create trace file /x/t: no such file"
+        );
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("pattern \"[\" is invalid: {0}")]
+        struct Wrapped(#[source] std::fmt::Error);
+        let error = anyhow::Error::new(Wrapped(std::fmt::Error));
+        assert_eq!(
+            one_line(&error),
+            "pattern \"[\" is invalid: an error occurred when formatting an argument"
+        );
     }
 }
