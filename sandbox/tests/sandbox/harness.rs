@@ -135,7 +135,8 @@ fn set_up_unprivileged() -> Result<Unprivileged, String> {
     if traversable_by_others(&exe) {
         return Ok(Unprivileged { uid, gid, exe });
     }
-    let dir = std::env::temp_dir().join(format!("cot-sandbox-test-{}", std::process::id()));
+    // Not under /tmp: some scenarios cover /tmp with a tmpfs before they run the copy.
+    let dir = Path::new("/var/tmp").join(format!("cot-sandbox-test-{}", std::process::id()));
     fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
         .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
