@@ -114,6 +114,9 @@ fn escape_attempts_fail() {
         format!("touch /tmp/../..{dir}/via-tmp-dotdot"),
         format!("touch /real-system{dir}/via-real-system"),
         format!("touch /proc/1/cwd/../../../..{dir}/via-init-cwd"),
+        // A symlink the thunk makes in its own project still resolves inside the view.
+        format!("ln -s {dir} lnk && touch lnk/via-own-symlink"),
+        format!("rm -rf sub && ln -s {dir} sub && mkdir sub/via-replaced-dir"),
     ];
     let script = attempts
         .iter()
