@@ -109,6 +109,8 @@ fn main() {
             fuse_fsname: "cot".into(),
             hostname: None,
             tmp_keep: Vec::new(),
+            stdout: None,
+            stderr: None,
         };
         let mut samples = Vec::with_capacity(runs);
         for _ in 0..runs {

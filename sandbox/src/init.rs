@@ -41,6 +41,8 @@ pub(crate) struct InitPlan {
     pub(crate) hostname: Option<String>,
     pub(crate) cwd: PathBuf,
     pub(crate) tmp_keep: Vec<PathBuf>,
+    pub(crate) stdout: Option<RawFd>,
+    pub(crate) stderr: Option<RawFd>,
     pub(crate) program: Program,
 }
 
@@ -128,6 +130,15 @@ pub(crate) fn run(plan: &InitPlan, socket: OwnedFd) -> ! {
     // reaches end-of-file and `wait_for_go` ends us.
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
         _exit(1);
+    }
+    // The command's outputs, when the caller gave its own, take their numbers before anything
+    // is moved or closed (they are 3 or above, see `Spec::validate`).
+    for (given, standard) in [(plan.stdout, 1), (plan.stderr, 2)] {
+        if let Some(fd) = given {
+            if nix::unistd::dup2(fd, standard).is_err() {
+                _exit(1);
+            }
+        }
     }
     let Ok(socket) = sys::move_fd(socket, SOCKET_FD) else {
         _exit(1)

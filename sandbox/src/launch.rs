@@ -76,6 +76,8 @@ pub fn launch(
         hostname: spec.hostname.clone(),
         cwd: spec.cwd.clone(),
         tmp_keep: spec.tmp_keep.clone(),
+        stdout: spec.stdout,
+        stderr: spec.stderr,
         program: Program::new(spec)?,
     };
     ensure_single_threaded()?;

@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -33,6 +34,11 @@ pub struct Spec {
     /// root filesystem itself, never from the host, and everything else in `/tmp` is still
     /// private and empty.
     pub tmp_keep: Vec<PathBuf>,
+    /// Descriptors (open in the caller, numbered 3 or above) that become the command's
+    /// standard output and standard error instead of the caller's own; e.g. pipes that the
+    /// caller copies on while it keeps what the command said. `None` passes the caller's.
+    pub stdout: Option<RawFd>,
+    pub stderr: Option<RawFd>,
 }
 
 impl Spec {
@@ -73,6 +79,13 @@ impl Spec {
                 "filesystem name {:?} is empty or contains NUL",
                 self.fuse_fsname
             ));
+        }
+        for fd in [self.stdout, self.stderr].into_iter().flatten() {
+            if fd < 3 {
+                return invalid(format!(
+                    "descriptor {fd} for the command's output must be 3 or above"
+                ));
+            }
         }
         for keep in &self.tmp_keep {
             let under_tmp = keep.strip_prefix("/tmp").is_ok_and(|rest| {
@@ -181,6 +194,8 @@ mod tests {
             fuse_fsname: "cot".into(),
             hostname: None,
             tmp_keep: Vec::new(),
+            stdout: None,
+            stderr: None,
         }
     }
 

@@ -46,6 +46,8 @@ pub fn main(args: &[OsString]) -> ! {
         fuse_fsname: "cot".into(),
         hostname: None,
         tmp_keep: Vec::new(),
+        stdout: None,
+        stderr: None,
     };
     let mut repeat = 1;
     let mut time = false;
