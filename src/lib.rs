@@ -6,6 +6,9 @@
 //! only when it succeeds, and returns its [`engine::RunReport`] with the exact list of accesses.
 //! [`trace`] writes that list as JSON lines. [`cli`] is the thin command-line layer.
 
+pub mod cas;
 pub mod cli;
 pub mod engine;
+pub mod server;
+pub mod store;
 pub mod trace;

@@ -3,6 +3,7 @@
 //! Exit codes: the command's own status for `cot run`; 125 when cot itself failed; 126 when the
 //! command cannot be executed; 127 when it is not found; 2 for usage errors (clap's own).
 
+mod inspect;
 mod run;
 
 use std::process::ExitCode;
@@ -32,6 +33,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    Show(inspect::ShowArgs),
+    Query(inspect::QueryArgs),
+    Gc(inspect::GcArgs),
+    Clean(inspect::CleanArgs),
+    /// Serve a trace store to the cot processes of a project (started on demand; not for
+    /// direct use)
+    #[command(hide = true)]
+    StoreServer {
+        /// The trace store directory
+        dir: std::path::PathBuf,
+    },
 }
 
 /// Entry point of the binary.
@@ -39,6 +51,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Show(args) => inspect::show(args),
+        Command::Query(args) => inspect::query(args),
+        Command::Gc(args) => inspect::gc(args),
+        Command::Clean(args) => inspect::clean(args),
+        Command::StoreServer { dir } => crate::server::serve(&dir).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

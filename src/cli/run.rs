@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::engine::env::{thunk_env, EnvRule};
-use crate::engine::{self, RunOptions, Thunk};
+use crate::engine::memo::{self, MemoOptions};
+use crate::engine::observe::CheckMode;
+use crate::engine::{RunOptions, Thunk};
 
 /// Run one command as a thunk in the sandbox and record every file it accessed
 #[derive(Debug, Args)]
@@ -72,7 +74,33 @@ pub struct RunArgs {
     #[arg(long)]
     no_passthrough: bool,
 
-    /// Report what was committed and how the view was served, on stderr
+    /// Say why the command ran ("ran: src/util.h changed (content)") or why not ("cached: 214
+    /// inputs unchanged, restored 2 outputs"), on stderr
+    #[arg(long)]
+    explain: bool,
+
+    /// How to tell that a file changed: its stat tuple (inode, size, mtime, ctime, mode), its
+    /// content digest, or the stat tuple first and the digest when that changed
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = CheckMode::MtimeThenDigest)]
+    check: CheckMode,
+
+    /// Always run the command (its trace is still recorded)
+    #[arg(long)]
+    no_cache: bool,
+
+    /// Reuse the trace of a run that failed (by default only successful runs are reused)
+    #[arg(long)]
+    cache_failures: bool,
+
+    /// The trace store directory [default: <project>/.cot/store]
+    #[arg(long, value_name = "DIR", env = "COT_STORE")]
+    store: Option<PathBuf>,
+
+    /// The content store directory, which several projects may share [default: <project>/.cot/cas]
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+
+    /// Report what was recorded and how the view was served, on stderr
     #[arg(short, long)]
     verbose: bool,
 
@@ -111,14 +139,24 @@ pub fn run(args: RunArgs) -> Result<u8> {
         keep_failed: args.keep_failed,
         no_passthrough: args.no_passthrough,
     };
-    let report = engine::run(&thunk, &options)?;
+    let memo_options = MemoOptions {
+        store: args.store,
+        cache: args.cache,
+        check: args.check,
+        no_cache: args.no_cache,
+        cache_failures: args.cache_failures,
+    };
+    let report = memo::run(&thunk, &options, &memo_options)?;
 
     if let (Some(file), Some(path)) = (trace_out, &args.trace_out) {
         crate::trace::write_json_lines(&mut BufWriter::new(file), &report.accesses)
             .with_context(|| format!("cannot write trace file {}", path.display()))?;
     }
-    if let Some(message) = report.message() {
+    if let Some(message) = &report.message {
         eprintln!("cot: {message}");
+    }
+    if args.explain {
+        eprintln!("cot: {}", report.explanation);
     }
     if args.verbose {
         let data_path = if report.passthrough {
@@ -126,23 +164,19 @@ pub fn run(args: RunArgs) -> Result<u8> {
         } else {
             "userspace"
         };
-        eprintln!(
-            "cot: {} accesses recorded, file data served by {data_path}, {:.1} ms",
-            report.accesses.len(),
-            report.duration.as_secs_f64() * 1000.0
-        );
-        match &report.committed {
-            Some(c) => eprintln!(
-                "cot: committed {} files, {} directories, {} symlinks, {} deletions ({} bytes) under {}",
-                c.files,
-                c.dirs,
-                c.symlinks,
-                c.deleted,
-                c.bytes,
-                report.project_root.display()
-            ),
-            None => eprintln!("cot: nothing committed"),
+        if report.ran {
+            eprintln!(
+                "cot: {} accesses recorded, file data served by {data_path}, {:.1} ms",
+                report.accesses.len(),
+                report.duration.as_secs_f64() * 1000.0
+            );
+        } else {
+            eprintln!(
+                "cot: not run, {} files hashed to decide, {:.1} ms",
+                report.hashes,
+                report.duration.as_secs_f64() * 1000.0
+            );
         }
     }
-    Ok(u8::try_from(report.exit_code()).unwrap_or(u8::MAX))
+    Ok(u8::try_from(report.exit_code).unwrap_or(u8::MAX))
 }

@@ -4,7 +4,12 @@
 //! The engine composes [`cot_fusefs`] (what the thunk sees, and the log of what it touched) and
 //! [`cot_sandbox`] (namespaces, mounts, the process); neither of those knows the other.
 
+pub mod capture;
 pub mod env;
+pub mod inspect;
+pub mod key;
+pub mod memo;
+pub mod observe;
 pub mod project;
 
 use std::ffi::OsString;
@@ -105,13 +110,80 @@ pub enum Error {
     Path { path: PathBuf, message: String },
     #[error("the filesystem session did not end after the command exited; nothing was committed")]
     SessionStuck,
+    #[error(transparent)]
+    Store(#[from] crate::server::Error),
+    #[error(transparent)]
+    Cas(#[from] crate::cas::Error),
+    #[error("hide pattern {pattern:?} is invalid: {message}")]
+    Glob { pattern: String, message: String },
 }
 
-/// Runs one thunk to completion.
+/// A thunk that ran, with its writes still in its layer: the real file system is as it was
+/// before the thunk, until [`Ran::commit`].
+pub struct Ran {
+    pub outcome: Outcome,
+    /// Every access, once per path and kind, in first-seen order.
+    pub accesses: Vec<Access>,
+    pub project_root: PathBuf,
+    pub passthrough: bool,
+    pub duration: Duration,
+    handle: cot_fusefs::Handle,
+    layer: project::LayerSlot,
+}
+
+impl Ran {
+    /// Where the command's stdout and stderr were kept.
+    pub fn output_files(&self) -> (&Path, &Path) {
+        (&self.layer.stdout, &self.layer.stderr)
+    }
+
+    /// Applies the thunk's writes to the real file system.
+    pub fn commit(&self) -> Result<CommitSummary, Error> {
+        Ok(self.handle.commit()?)
+    }
+
+    /// Drops the thunk's writes.
+    pub fn discard(&self) -> Result<(), Error> {
+        Ok(self.handle.discard()?)
+    }
+
+    /// Whether the command succeeded, so that its writes are committed.
+    pub fn succeeded(&self) -> bool {
+        matches!(self.outcome, Outcome::Exited(0))
+    }
+
+    /// Whether its writes are committed under `options`: on success, or when asked to keep
+    /// a failed command's (never an interrupted one's).
+    pub fn commits(&self, options: &RunOptions) -> bool {
+        self.succeeded()
+            || (options.keep_failed && !matches!(self.outcome, Outcome::Interrupted(_)))
+    }
+}
+
+/// Runs one thunk to completion and commits its writes when it succeeded.
+pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
+    let ran = execute(thunk, options)?;
+    let committed = if ran.commits(options) {
+        Some(ran.commit()?)
+    } else {
+        ran.discard()?;
+        None
+    };
+    Ok(RunReport {
+        committed,
+        passthrough: ran.passthrough,
+        duration: ran.duration,
+        project_root: ran.project_root.clone(),
+        accesses: ran.accesses.clone(),
+        outcome: ran.outcome.clone(),
+    })
+}
+
+/// Runs one thunk, keeping its writes in its layer and its output in files.
 ///
 /// Must be called while the process is single-threaded (the sandbox forks); the FUSE server
-/// threads are started from inside [`cot_sandbox::launch`].
-pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
+/// threads and the output copying threads are started once the sandbox is cloned.
+pub fn execute(thunk: &Thunk, options: &RunOptions) -> Result<Ran, Error> {
     let started = Instant::now();
     let project_root = project::find_root(&thunk.cwd);
     if project_root == Path::new(PRIVATE_TMP) {
@@ -130,12 +202,16 @@ pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
         fuse_fsname: "cot".into(),
         hostname: None,
         tmp_keep: Vec::new(),
+        stdout: None,
+        stderr: None,
     };
     cot_sandbox::preflight(&spec)?;
     let layer = project::reserve_layer(&project_root).map_err(Error::Layer)?;
     let passthrough =
         !options.no_passthrough && !thunk.rootless && nix::unistd::geteuid().is_root();
     let fs_options = fs_options(thunk, &project_root, &layer.dir, passthrough)?;
+    let capture = capture::Capture::new(&layer.stdout, &layer.stderr).map_err(Error::Layer)?;
+    let (stdout, stderr) = capture.fds();
     // Writable roots that live in /tmp stay visible in the thunk's private /tmp.
     let spec = Spec {
         tmp_keep: fs_options
@@ -144,6 +220,8 @@ pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
             .filter(|dir| dir.starts_with(PRIVATE_TMP) && *dir != Path::new(PRIVATE_TMP))
             .cloned()
             .collect(),
+        stdout: Some(stdout),
+        stderr: Some(stderr),
         ..spec
     };
     let (fs, handle) = ProxyFs::new(fs_options)?;
@@ -155,6 +233,10 @@ pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
         server = Some(cot_fusefs::serve(fs, fd, fuse_threads()).map_err(|e| e.to_string())?);
         Ok(())
     });
+    let copying = match sandbox {
+        Ok(_) => Some(capture.start().map_err(Error::Layer)),
+        Err(_) => None,
+    };
     let outcome = match sandbox {
         Ok(sandbox) => sandbox.wait(),
         Err(e) => Err(e),
@@ -173,23 +255,18 @@ pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
             return Err(Error::SessionStuck);
         }
     }
-    let accesses = handle.accesses();
-    let mut report = RunReport {
+    if let Some(copying) = copying {
+        copying?.finish().map_err(Error::Layer)?;
+    }
+    Ok(Ran {
         outcome,
-        accesses,
-        committed: None,
+        accesses: handle.accesses(),
         project_root,
         passthrough: handle.passthrough_active(),
         duration: started.elapsed(),
-    };
-    let interrupted = matches!(report.outcome, Outcome::Interrupted(_));
-    if report.succeeded() || (options.keep_failed && !interrupted) {
-        report.committed = Some(handle.commit()?);
-    } else {
-        handle.discard()?;
-    }
-    drop(layer);
-    Ok(report)
+        handle,
+        layer,
+    })
 }
 
 fn raise_open_file_limit() {
@@ -216,29 +293,15 @@ fn fs_options(
     layer_dir: &Path,
     passthrough: bool,
 ) -> Result<Options, Error> {
-    let system_root = canonical(&thunk.system_root)?;
-    let mut writable = vec![project_root.to_path_buf()];
-    for dir in &thunk.writable {
-        let dir = canonical(dir)?;
-        if !dir.is_dir() {
-            return Err(Error::Path {
-                path: dir,
-                message: "--writable needs a directory".into(),
-            });
-        }
-        writable.push(dir);
-    }
-    let mut binds = vec![(PathBuf::from("/"), system_root.clone())];
+    let binds = view_binds(thunk, project_root)?;
+    let writable = writable_roots(thunk, project_root)?;
     let mut mountpoints: Vec<PathBuf> = MOUNTPOINTS.iter().map(PathBuf::from).collect();
-    if system_root != Path::new("/") {
-        for dir in &writable {
-            binds.push((dir.clone(), dir.clone()));
-            // The directories leading to a bound tree must exist in the view even when the
-            // system root lacks them.
-            for ancestor in dir.ancestors().skip(1) {
-                if ancestor != Path::new("/") && !mountpoints.iter().any(|m| m == ancestor) {
-                    mountpoints.push(ancestor.to_path_buf());
-                }
+    // The directories leading to a bound tree must exist in the view even when the system
+    // root lacks them.
+    for (view, _) in binds.iter().skip(1) {
+        for ancestor in view.ancestors().skip(1) {
+            if ancestor != Path::new("/") && !mountpoints.iter().any(|m| m == ancestor) {
+                mountpoints.push(ancestor.to_path_buf());
             }
         }
     }
@@ -251,6 +314,54 @@ fn fs_options(
         layer_dir: layer_dir.to_path_buf(),
         passthrough,
         ttl: VIEW_TTL,
+    })
+}
+
+/// The project and the `--writable` directories, canonical.
+fn writable_roots(thunk: &Thunk, project_root: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut writable = vec![project_root.to_path_buf()];
+    for dir in &thunk.writable {
+        let dir = canonical(dir)?;
+        if !dir.is_dir() {
+            return Err(Error::Path {
+                path: dir,
+                message: "--writable needs a directory".into(),
+            });
+        }
+        writable.push(dir);
+    }
+    Ok(writable)
+}
+
+/// How the thunk's view maps to real trees: the system root at `/` first, then, when the
+/// system root is another tree, the project and writable directories at their own paths.
+pub fn view_binds(thunk: &Thunk, project_root: &Path) -> Result<Vec<(PathBuf, PathBuf)>, Error> {
+    let system_root = canonical(&thunk.system_root)?;
+    let mut binds = vec![(PathBuf::from("/"), system_root.clone())];
+    if system_root != Path::new("/") {
+        for dir in writable_roots(thunk, project_root)? {
+            binds.push((dir.clone(), dir));
+        }
+    }
+    Ok(binds)
+}
+
+/// The `--hide` globs, compiled as the filesystem matches them.
+pub fn hide_globs(patterns: &[String]) -> Result<globset::GlobSet, Error> {
+    let mut set = globset::GlobSetBuilder::new();
+    for pattern in patterns {
+        let glob = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| Error::Glob {
+                pattern: pattern.clone(),
+                message: e.to_string(),
+            })?;
+        set.add(glob);
+    }
+    set.build().map_err(|e| Error::Glob {
+        pattern: patterns.join(" "),
+        message: e.to_string(),
     })
 }
 

@@ -31,12 +31,17 @@ pub fn find_root(cwd: &Path) -> PathBuf {
 pub struct LayerSlot {
     /// Empty directory for the copy-on-write layer (the filesystem removes it on commit/discard).
     pub dir: PathBuf,
+    /// Where the thunk's stdout and stderr are kept while it runs.
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
     lock_path: PathBuf,
     _lock: Flock<File>,
 }
 
 impl Drop for LayerSlot {
     fn drop(&mut self) {
+        let _ = fs::remove_file(&self.stdout);
+        let _ = fs::remove_file(&self.stderr);
         // The layer dir itself is removed by commit/discard; if it is still here the thunk never
         // reached either, and the next sweep removes it once our lock is gone.
         if !self.dir.exists() {
@@ -58,15 +63,21 @@ pub fn reserve_layer(root: &Path) -> io::Result<LayerSlot> {
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
     let lock_path = tmp.join(format!("{name}.lock"));
-    let file = File::create(&lock_path).map_err(|e| with_path(e, &lock_path))?;
+    // Locked under another name first, then renamed into place: a sweep by another cot must
+    // never find a layer's lock file before its owner holds it (it would take it for dead).
+    let unlocked = tmp.join(format!("{name}.lock-new"));
+    let file = File::create(&unlocked).map_err(|e| with_path(e, &unlocked))?;
     let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, errno)| with_path(io::Error::from(errno), &lock_path))?;
+        .map_err(|(_, errno)| with_path(io::Error::from(errno), &unlocked))?;
+    fs::rename(&unlocked, &lock_path).map_err(|e| with_path(e, &lock_path))?;
     let dir = tmp.join(&name);
     if dir.exists() {
         fs::remove_dir_all(&dir).map_err(|e| with_path(e, &dir))?;
     }
     fs::create_dir(&dir).map_err(|e| with_path(e, &dir))?;
     Ok(LayerSlot {
+        stdout: tmp.join(format!("{name}.stdout")),
+        stderr: tmp.join(format!("{name}.stderr")),
         dir,
         lock_path,
         _lock: lock,
@@ -80,7 +91,23 @@ fn sweep_dead_layers(tmp: &Path) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_none_or(|ext| ext != "lock") {
+        let Some(ext) = path.extension() else {
+            continue;
+        };
+        if ext == "lock-new" {
+            // Left by a cot killed between creating its lock and renaming it into place, a
+            // window of microseconds: only an old one can be such a leftover (a young one may
+            // be about to be locked by its owner).
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 3600));
+            if old {
+                let _ = fs::remove_file(&path);
+            }
+            continue;
+        }
+        if ext != "lock" {
             continue;
         }
         let Ok(file) = File::open(&path) else {
@@ -89,6 +116,8 @@ fn sweep_dead_layers(tmp: &Path) {
         // Holding the lock proves its owner is gone; keep holding it while we clean up.
         if let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             let _ = fs::remove_dir_all(path.with_extension(""));
+            let _ = fs::remove_file(path.with_extension("stdout"));
+            let _ = fs::remove_file(path.with_extension("stderr"));
             let _ = fs::remove_file(&path);
         }
     }

@@ -7,6 +7,7 @@ mod harness;
 
 mod isolation;
 mod lifecycle;
+mod memo;
 mod rootless;
 mod tracing;
 mod writes;

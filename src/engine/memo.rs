@@ -1,0 +1,579 @@
+//! Memoized thunks: reuse a valid trace instead of running, or run and record a trace.
+//!
+//! A trace is valid when every input it records would be observed the same way now
+//! ([`Observer::check`]); for a path the thunk itself writes, finding it as the thunk left it
+//! counts as unchanged. On a hit, outputs that are missing or differ (damaged) are restored
+//! from the content store, stdout and stderr are replayed, and the recorded exit status is
+//! returned. On a miss the command runs; its inputs are observed after it exits and before its
+//! writes are committed (so they are what it saw), its outputs after the commit.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cot_fusefs::{Access, AccessKind};
+
+use crate::cas::Cas;
+use crate::server::Client;
+use crate::store::model::{
+    FileState, Input, InputKind, Observed, Output, OutputState, StorePath, Trace, TraceId,
+};
+use crate::store::thunk_id;
+
+use super::key::{thunk_key, Binds, Paths};
+use super::observe::{file_kind, stat_tuple, CheckMode, FileStates, Observer};
+use super::{Error, RunOptions, Thunk};
+use crate::store::model::FileKind;
+
+/// How to use the store for one `cot run`.
+#[derive(Clone, Debug)]
+pub struct MemoOptions {
+    /// The trace store directory (`--store`, `COT_STORE`; default `<project>/.cot/store`).
+    pub store: Option<PathBuf>,
+    /// The content store directory (`--cache`; default `<project>/.cot/cas`).
+    pub cache: Option<PathBuf>,
+    pub check: CheckMode,
+    /// Always run (and still record).
+    pub no_cache: bool,
+    /// Reuse traces of runs that failed.
+    pub cache_failures: bool,
+}
+
+/// What `cot run` did.
+#[derive(Debug)]
+pub struct MemoReport {
+    pub exit_code: i32,
+    /// Why it ran or did not, for `--explain`.
+    pub explanation: String,
+    /// The outcome's message when the command ran and did not exit normally.
+    pub message: Option<String>,
+    /// The accesses of the run (empty on a hit), for `--trace-out`.
+    pub accesses: Vec<Access>,
+    pub ran: bool,
+    pub passthrough: bool,
+    pub duration: Duration,
+    /// Files hashed while deciding (a no-op must hash none that did not change).
+    pub hashes: u64,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// File states fetched from the store in one batch.
+struct Fetched(HashMap<PathBuf, FileState>);
+
+impl FileStates for Fetched {
+    fn get(&self, real: &Path) -> Option<FileState> {
+        self.0.get(real).cloned()
+    }
+}
+
+/// Where the store and the content store of a project are.
+pub fn store_dirs(project_root: &Path, options: &MemoOptions) -> (PathBuf, PathBuf) {
+    let state = project_root.join(super::project::STATE_DIR);
+    (
+        options.store.clone().unwrap_or_else(|| state.join("store")),
+        options.cache.clone().unwrap_or_else(|| state.join("cas")),
+    )
+}
+
+/// The names that the thunk's own outputs take in each directory, left out of listings.
+fn output_names(outputs: &[&StorePath], paths: &Paths) -> HashMap<PathBuf, HashSet<OsString>> {
+    let mut names: HashMap<PathBuf, HashSet<OsString>> = HashMap::new();
+    for path in outputs {
+        let view = paths.to_view(path);
+        if let (Some(parent), Some(name)) = (view.parent(), view.file_name()) {
+            names
+                .entry(parent.to_path_buf())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+    names
+}
+
+/// Runs `thunk` unless a valid trace says what it would do.
+pub fn run(
+    thunk: &Thunk,
+    run_options: &RunOptions,
+    options: &MemoOptions,
+) -> Result<MemoReport, Error> {
+    let started = std::time::Instant::now();
+    let project_root = super::project::find_root(&thunk.cwd);
+    let paths = Paths::new(&project_root);
+    let binds = Binds::new(super::view_binds(thunk, &project_root)?);
+    let hidden = super::hide_globs(&thunk.hide)?;
+    let key = thunk_key(thunk, &paths);
+    let id = thunk_id(&key);
+    let (store_dir, cas_dir) = store_dirs(&project_root, options);
+    let mut client = Client::connect(&store_dir)?;
+    let cas = Cas::open(&cas_dir)?;
+
+    let mut reason = "--no-cache".to_string();
+    let mut hashes = 0;
+    if !options.no_cache {
+        let traces = client.traces(id)?;
+        let wanted = traces
+            .iter()
+            .flat_map(|(_, trace)| content_paths(trace, &paths, &binds))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>();
+        let states = client.file_states(
+            wanted
+                .iter()
+                .map(|p| p.as_os_str().as_bytes().to_vec())
+                .collect(),
+        )?;
+        let fetched = Fetched(
+            wanted
+                .into_iter()
+                .zip(states)
+                .filter_map(|(path, state)| Some((path, state?)))
+                .collect(),
+        );
+        let observer = Observer::new(&paths, &binds, options.check, &fetched, &hidden);
+        let decision = decide(&traces, &observer, options.cache_failures);
+        hashes = observer.hashes();
+        match decision {
+            Ok((trace_id, trace)) => match materialize(trace, &cas, &observer) {
+                Ok(restored) => {
+                    replay(&cas, trace)?;
+                    client.touch(id, trace_id, now_ns())?;
+                    let learned = observer.take_learned();
+                    if !learned.is_empty() {
+                        client.put_file_states(learned)?;
+                    }
+                    return Ok(MemoReport {
+                        exit_code: trace.exit_code,
+                        explanation: format!(
+                            "cached: {} inputs unchanged, restored {restored} outputs",
+                            trace.inputs.len()
+                        ),
+                        message: None,
+                        accesses: Vec::new(),
+                        ran: false,
+                        passthrough: false,
+                        duration: started.elapsed(),
+                        hashes,
+                    });
+                }
+                Err(e) => {
+                    eprintln!("cot: {e}; running the command instead");
+                    reason = format!("could not restore the outputs ({e})");
+                }
+            },
+            Err(why) => reason = why,
+        }
+    }
+
+    let ran = super::execute(thunk, run_options)?;
+    let observer = Observer::new(&paths, &binds, options.check, &NoStates, &hidden);
+    let output_paths = output_paths(&ran.accesses, &project_root, &thunk.writable);
+    let inputs = inputs(&ran.accesses, &observer, &paths, &output_paths);
+    let commits = ran.commits(run_options);
+    if commits {
+        ran.commit()?;
+    } else {
+        ran.discard()?;
+    }
+    let outputs = if commits {
+        outputs(&output_paths, &ran.accesses, &paths, &binds, &cas)?
+    } else {
+        Vec::new()
+    };
+    let (stdout_file, stderr_file) = ran.output_files();
+    let stdout = cas.put_file(stdout_file)?.0;
+    let stderr = cas.put_file(stderr_file)?.0;
+    let interrupted = matches!(ran.outcome, cot_sandbox::Outcome::Interrupted(_));
+    if !interrupted {
+        let mut files = observer.take_learned();
+        files.extend(output_states(&outputs, &paths, &binds));
+        let trace = Trace {
+            inputs,
+            outputs,
+            stdout,
+            stderr,
+            exit_code: ran.outcome.exit_code(),
+            duration_ns: u64::try_from(ran.duration.as_nanos()).unwrap_or(u64::MAX),
+            ran_at_ns: now_ns(),
+        };
+        client.record(key, trace, files)?;
+    }
+    let message = match &ran.outcome {
+        cot_sandbox::Outcome::Exited(_) => None,
+        cot_sandbox::Outcome::Interrupted(_) => {
+            Some(format!("{}; nothing was committed", ran.outcome))
+        }
+        other => Some(other.to_string()),
+    };
+    Ok(MemoReport {
+        exit_code: ran.outcome.exit_code(),
+        explanation: format!("ran: {reason}"),
+        message,
+        accesses: ran.accesses.clone(),
+        ran: true,
+        passthrough: ran.passthrough,
+        duration: started.elapsed(),
+        hashes,
+    })
+}
+
+struct NoStates;
+
+impl FileStates for NoStates {
+    fn get(&self, _real: &Path) -> Option<FileState> {
+        None
+    }
+}
+
+/// The real paths whose cached file states a check of `trace` may use.
+fn content_paths<'a>(
+    trace: &'a Trace,
+    paths: &'a Paths,
+    binds: &'a Binds,
+) -> impl Iterator<Item = PathBuf> + 'a {
+    let inputs = trace
+        .inputs
+        .iter()
+        .filter_map(move |input| match input.observed {
+            Observed::Content { .. } => Some(binds.real(&paths.to_view(&input.path))),
+            _ => None,
+        });
+    let outputs = trace
+        .outputs
+        .iter()
+        .filter_map(move |output| match output.state {
+            OutputState::File { .. } => Some(binds.real(&paths.to_view(&output.path))),
+            _ => None,
+        });
+    inputs.chain(outputs)
+}
+
+/// The first valid trace, most recently used first, or why there is none.
+fn decide<'t>(
+    traces: &'t [(TraceId, Trace)],
+    observer: &Observer<'_>,
+    cache_failures: bool,
+) -> Result<(TraceId, &'t Trace), String> {
+    let mut first_reason = None;
+    for (trace_id, trace) in traces {
+        let reason = if trace.exit_code != 0 && !cache_failures {
+            Some(format!(
+                "the recorded run failed (exit status {}); --cache-failures reuses failed runs",
+                trace.exit_code
+            ))
+        } else {
+            invalid_input(trace, observer)
+        };
+        match reason {
+            None => return Ok((*trace_id, trace)),
+            Some(reason) => {
+                first_reason.get_or_insert(reason);
+            }
+        }
+    }
+    Err(first_reason.unwrap_or_else(|| "no earlier trace".into()))
+}
+
+/// The first recorded input that no longer holds, described.
+fn invalid_input(trace: &Trace, observer: &Observer<'_>) -> Option<String> {
+    let outputs: HashMap<&StorePath, &OutputState> =
+        trace.outputs.iter().map(|o| (&o.path, &o.state)).collect();
+    let output_paths: Vec<&StorePath> = trace.outputs.iter().map(|o| &o.path).collect();
+    let names = output_names(&output_paths, observer.paths);
+    let none = HashSet::new();
+    for input in &trace.inputs {
+        let left = outputs.get(&input.path).copied();
+        // A lookup of a path the thunk then writes is the probe that comes with creating,
+        // truncating or removing it (`cc -o`, `>`, `rm -f`): what was there before does not
+        // reach the outputs, and the outputs themselves are restored on a hit. A read of it
+        // before rewriting it still counts.
+        if left.is_some() && matches!(input.kind, InputKind::Stat | InputKind::Absent) {
+            continue;
+        }
+        let view = observer.paths.to_view(&input.path);
+        let exclude = names.get(&view).unwrap_or(&none);
+        if let Some(change) = observer.check(input, exclude, left) {
+            return Some(change.to_string());
+        }
+    }
+    None
+}
+
+/// Restores the outputs of `trace` that are missing or differ; returns how many.
+fn materialize(trace: &Trace, cas: &Cas, observer: &Observer<'_>) -> Result<usize, Error> {
+    let mut restored = 0;
+    let io_error = |path: &Path, e: io::Error| Error::Path {
+        path: path.to_path_buf(),
+        message: format!("cannot restore output: {e}"),
+    };
+    // Deletions first, deepest first, so that a directory removed by the thunk goes after its
+    // entries and before anything is created in its place.
+    for output in trace.outputs.iter().rev() {
+        if output.state != OutputState::Deleted {
+            continue;
+        }
+        let real = observer.binds.real(&observer.paths.to_view(&output.path));
+        match fs::symlink_metadata(&real) {
+            Ok(meta) if meta.is_dir() => {
+                fs::remove_dir_all(&real).map_err(|e| io_error(&real, e))?;
+                restored += 1;
+            }
+            Ok(_) => {
+                fs::remove_file(&real).map_err(|e| io_error(&real, e))?;
+                restored += 1;
+            }
+            Err(_) => {}
+        }
+    }
+    for output in &trace.outputs {
+        let view = observer.paths.to_view(&output.path);
+        if output.state == OutputState::Deleted
+            || observer.output_holds(&view, &output.state).unwrap_or(false)
+        {
+            continue;
+        }
+        let real = observer.binds.real(&view);
+        if let Some(parent) = real.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+        }
+        let existing = fs::symlink_metadata(&real).ok();
+        let is_dir = existing.as_ref().is_some_and(|m| m.is_dir());
+        match &output.state {
+            OutputState::Dir { mode } => {
+                if existing.is_some() && !is_dir {
+                    fs::remove_file(&real).map_err(|e| io_error(&real, e))?;
+                }
+                fs::create_dir_all(&real).map_err(|e| io_error(&real, e))?;
+                fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(*mode))
+                    .map_err(|e| io_error(&real, e))?;
+            }
+            OutputState::File { digest, mode, .. } => {
+                if is_dir {
+                    fs::remove_dir_all(&real).map_err(|e| io_error(&real, e))?;
+                }
+                cas.restore(digest, &real, *mode)?;
+            }
+            OutputState::Symlink { target } => {
+                if is_dir {
+                    fs::remove_dir_all(&real).map_err(|e| io_error(&real, e))?;
+                } else if existing.is_some() {
+                    fs::remove_file(&real).map_err(|e| io_error(&real, e))?;
+                }
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &real)
+                    .map_err(|e| io_error(&real, e))?;
+            }
+            OutputState::Deleted => {}
+        }
+        restored += 1;
+    }
+    Ok(restored)
+}
+
+/// Writes the recorded stdout and stderr of a trace to cot's own.
+fn replay(cas: &Cas, trace: &Trace) -> Result<(), Error> {
+    let stdout = cas.read(&trace.stdout)?;
+    let stderr = cas.read(&trace.stderr)?;
+    // A closed stdout (cot piped into `head`) is not cot's failure.
+    let _ = io::stdout()
+        .lock()
+        .write_all(&stdout)
+        .and_then(|()| io::stdout().flush());
+    let _ = io::stderr().lock().write_all(&stderr);
+    Ok(())
+}
+
+fn is_write(kind: AccessKind) -> bool {
+    !matches!(
+        kind,
+        AccessKind::Stat
+            | AccessKind::Read
+            | AccessKind::Readdir
+            | AccessKind::Readlink
+            | AccessKind::Absent
+            | AccessKind::Hidden
+    )
+}
+
+/// The view paths the thunk changed, in the writable roots, sorted (parents first).
+fn output_paths(accesses: &[Access], project_root: &Path, writable: &[PathBuf]) -> Vec<PathBuf> {
+    let under_writable =
+        |p: &Path| p.starts_with(project_root) || writable.iter().any(|w| p.starts_with(w));
+    let mut out: Vec<PathBuf> = Vec::new();
+    for access in accesses.iter().filter(|a| is_write(a.kind)) {
+        match access.kind {
+            // A link's new name is the output; the existing file is unchanged.
+            AccessKind::Link => out.extend(access.to.clone()),
+            AccessKind::Rename => {
+                out.push(access.path.clone());
+                out.extend(access.to.clone());
+            }
+            _ => out.push(access.path.clone()),
+        }
+    }
+    out.retain(|p| under_writable(p));
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The inputs of a run, observed now (after the command, before its commit): accesses that
+/// read, in order, except those to paths the thunk had already written.
+fn inputs(
+    accesses: &[Access],
+    observer: &Observer<'_>,
+    paths: &Paths,
+    output_paths: &[PathBuf],
+) -> Vec<Input> {
+    let stored: Vec<StorePath> = output_paths.iter().map(|p| paths.to_store(p)).collect();
+    let names = output_names(&stored.iter().collect::<Vec<_>>(), paths);
+    let none = HashSet::new();
+    let mut written: HashSet<&Path> = HashSet::new();
+    let mut made_dirs: Vec<&Path> = Vec::new();
+    let mut inputs = Vec::new();
+    for access in accesses {
+        let kind = match access.kind {
+            AccessKind::Stat => InputKind::Stat,
+            AccessKind::Read => InputKind::Read,
+            AccessKind::Readdir => InputKind::Readdir,
+            AccessKind::Readlink => InputKind::Readlink,
+            AccessKind::Absent => InputKind::Absent,
+            AccessKind::Hidden => InputKind::Hidden,
+            other => {
+                written.insert(&access.path);
+                if let Some(to) = &access.to {
+                    if other != AccessKind::Symlink {
+                        written.insert(to);
+                    }
+                }
+                if matches!(other, AccessKind::Mkdir) {
+                    made_dirs.push(&access.path);
+                }
+                if matches!(other, AccessKind::Rename) {
+                    made_dirs.extend(access.to.as_deref());
+                }
+                continue;
+            }
+        };
+        let path = access.path.as_path();
+        if written.contains(path) || made_dirs.iter().any(|dir| path.starts_with(dir)) {
+            continue;
+        }
+        let exclude = names.get(path).unwrap_or(&none);
+        let observed = match observer.observe(kind, path, exclude) {
+            Ok(observed) => observed,
+            // Unreadable now (permissions): record it as absent, so the trace is re-checked
+            // (and the command re-run) until it can be observed.
+            Err(_) => Observed::Absent,
+        };
+        inputs.push(Input {
+            path: paths.to_store(path),
+            kind,
+            observed,
+        });
+    }
+    inputs
+}
+
+/// The final state of every output, after the commit; file contents go to the content store.
+/// A directory the thunk renamed into place counts with everything in it.
+fn outputs(
+    output_paths: &[PathBuf],
+    accesses: &[Access],
+    paths: &Paths,
+    binds: &Binds,
+    cas: &Cas,
+) -> Result<Vec<Output>, Error> {
+    let renamed_to: HashSet<&Path> = accesses
+        .iter()
+        .filter(|a| a.kind == AccessKind::Rename)
+        .filter_map(|a| a.to.as_deref())
+        .collect();
+    let mut all: Vec<PathBuf> = output_paths.to_vec();
+    for path in output_paths {
+        if renamed_to.contains(path.as_path()) {
+            walk(&binds.real(path), path, &mut all);
+        }
+    }
+    all.sort();
+    all.dedup();
+    let mut outputs = Vec::new();
+    for view in all {
+        let real = binds.real(&view);
+        let state = match fs::symlink_metadata(&real) {
+            Err(_) => OutputState::Deleted,
+            Ok(meta) => match file_kind(&meta) {
+                FileKind::File => {
+                    let (digest, size) = cas.put_file(&real)?;
+                    OutputState::File {
+                        digest,
+                        mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+                        size,
+                    }
+                }
+                FileKind::Dir => OutputState::Dir {
+                    mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+                },
+                FileKind::Symlink => OutputState::Symlink {
+                    target: fs::read_link(&real)
+                        .map_err(|e| Error::Path {
+                            path: real.clone(),
+                            message: e.to_string(),
+                        })?
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                },
+                // Fifos and sockets carry no content to restore.
+                FileKind::Other => continue,
+            },
+        };
+        outputs.push(Output {
+            path: paths.to_store(&view),
+            state,
+        });
+    }
+    Ok(outputs)
+}
+
+fn walk(real: &Path, view: &Path, into: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(real) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let child_view = view.join(entry.file_name());
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(&entry.path(), &child_view, into);
+        }
+        into.push(child_view);
+    }
+}
+
+/// File states of the outputs just stored, so the next check does not hash them again.
+fn output_states(outputs: &[Output], paths: &Paths, binds: &Binds) -> Vec<(Vec<u8>, FileState)> {
+    outputs
+        .iter()
+        .filter_map(|output| {
+            let OutputState::File { digest, .. } = output.state else {
+                return None;
+            };
+            let real = binds.real(&paths.to_view(&output.path));
+            let meta = fs::symlink_metadata(&real).ok()?;
+            Some((
+                real.as_os_str().as_bytes().to_vec(),
+                FileState {
+                    stat: stat_tuple(&meta),
+                    digest,
+                },
+            ))
+        })
+        .collect()
+}
