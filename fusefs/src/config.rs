@@ -209,18 +209,24 @@ impl Config {
 
     /// The bind serving `view` and the path relative to its real directory (`.` for its root).
     pub(crate) fn lower<'a>(&self, view: &'a Path) -> (&Bind, &'a Path) {
-        for bind in &self.binds {
+        let (i, rel) = self.lower_index(view);
+        (&self.binds[i], rel)
+    }
+
+    /// Like [`Config::lower`], with the bind as its index in `binds`.
+    pub(crate) fn lower_index<'a>(&self, view: &'a Path) -> (usize, &'a Path) {
+        for (i, bind) in self.binds.iter().enumerate() {
             if let Ok(rel) = view.strip_prefix(&bind.view) {
                 let rel = if rel.as_os_str().is_empty() {
                     Path::new(".")
                 } else {
                     rel
                 };
-                return (bind, rel);
+                return (i, rel);
             }
         }
         // Unreachable in practice: `/` is always bound and every view path is absolute.
-        (&self.binds[self.binds.len() - 1], Path::new("."))
+        (self.binds.len() - 1, Path::new("."))
     }
 
     /// The real path `view` maps to.

@@ -3,7 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
-/// What went wrong while building, serving, committing or discarding a [`crate::ProxyFs`].
+/// What went wrong while building or serving a [`crate::ProxyFs`], or committing, discarding or
+/// recovering its layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `Options::binds` has no entry for the view root `/`.
@@ -81,6 +82,25 @@ pub enum Error {
         path: PathBuf,
         /// Why it failed.
         source: io::Error,
+    },
+
+    /// The commit journal of a layer cannot be written, read or removed.
+    #[error("commit journal {path:?}: {source}")]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// Why it failed.
+        source: io::Error,
+    },
+
+    /// The commit journal of a layer has a format version this code cannot replay. It is left
+    /// in place (with its layer) for a build that can.
+    #[error("commit journal {path:?}: unsupported format version {version:?}")]
+    JournalVersion {
+        /// The journal file.
+        path: PathBuf,
+        /// The version its header names.
+        version: String,
     },
 
     /// Removing the layer directory failed.

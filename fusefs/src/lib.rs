@@ -10,6 +10,8 @@
 //! - [`Handle`]: what the caller keeps: the access log ([`Handle::accesses`], a list of
 //!   [`Access`] of some [`AccessKind`]) and the layer's fate ([`Handle::commit`] or
 //!   [`Handle::discard`]).
+//! - [`recover`]: after a crash, finishes the commit a layer was in (its journal says what
+//!   is left to do, see [`Recovery`]) or throws the layer away.
 //!
 //! Because the mount is per thunk, the kernel may cache everything for a long time
 //! ([`Options::ttl`]): the thunk's first access to a path always reaches the filesystem (and
@@ -24,20 +26,21 @@ mod commit;
 mod config;
 mod error;
 mod fuse;
+mod journal;
 mod layer;
 mod nodes;
 mod ops;
 mod real;
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockWriteGuard};
 
 pub use access::{Access, AccessKind};
 pub use error::Error;
@@ -114,6 +117,29 @@ pub struct CommitSummary {
     pub bytes: u64,
 }
 
+/// What [`recover`] did with a layer directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// A commit of the layer had started: it was finished, with this summary, and the layer
+    /// removed.
+    Completed(CommitSummary),
+    /// No commit had started (or no layer was left): the layer, if any, was removed and the
+    /// real trees left as they were.
+    Discarded,
+}
+
+/// Brings the layer directory `layer_dir` of a filesystem that is gone (its process killed,
+/// the machine powered off) to a clean end: when its commit journal `<layer_dir>.journal`
+/// exists the commit had started, and it is replayed to completion; otherwise the layer is
+/// an uncommitted one and is removed, leaving the real trees untouched. A journal cut short
+/// before it was complete (impossible unless written by other means: commit writes it to
+/// `<layer_dir>.journal.tmp` and renames it) is removed with the layer. Idempotent; it may
+/// itself be interrupted and called again. Never call it for a layer whose filesystem is
+/// still alive.
+pub fn recover(layer_dir: &Path) -> Result<Recovery, Error> {
+    journal::recover(layer_dir)
+}
+
 /// Counts of requests the filesystem served so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -156,9 +182,31 @@ impl Handle {
         self.inner.log.snapshot()
     }
 
-    /// Applies the layer to the real filesystem (see the `commit` module docs), then removes
-    /// the layer directory. Later changes through the mount fail with EROFS.
+    /// Applies the layer to the real filesystem, then removes the layer directory. Later
+    /// changes through the mount fail with EROFS.
+    ///
+    /// The whole change is written as a journal `<layer_dir>.journal` (a sibling of the layer)
+    /// before anything is applied, so if the process dies or the machine loses power midway,
+    /// [`recover`] finishes the commit: the real trees end up either untouched or exactly as a
+    /// complete commit leaves them. The same holds when this returns an error after the
+    /// journal was written: the journal stays, and [`recover`] retries.
     pub fn commit(&self) -> Result<CommitSummary, Error> {
+        let state = self.seal()?;
+        Ok(commit::commit(&self.inner.cfg, &state, None)?.0)
+    }
+
+    /// For crash tests: commits like [`Handle::commit`] but stops after applying the first
+    /// `n` operations of the journal, leaving the journal and the layer as a killed process
+    /// would (so [`recover`] must finish). Returns the number of operations in the journal.
+    #[doc(hidden)]
+    pub fn commit_interrupted_after(&self, n: usize) -> Result<usize, Error> {
+        let state = self.seal()?;
+        Ok(commit::commit(&self.inner.cfg, &state, Some(n))?.1)
+    }
+
+    /// Marks the layer finished (only one of commit and discard may run, once) and keeps it
+    /// locked for the caller.
+    fn seal(&self) -> Result<RwLockWriteGuard<'_, LayerState>, Error> {
         let mut state = self.inner.layer.write();
         if state.sealed {
             return Err(Error::Finished {
@@ -166,21 +214,13 @@ impl Handle {
             });
         }
         state.sealed = true;
-        let summary = commit::commit(&self.inner.cfg, &state)?;
-        commit::remove_layer(&self.inner.cfg)?;
-        Ok(summary)
+        Ok(state)
     }
 
     /// Removes the layer directory; the real filesystem is left untouched.
     pub fn discard(&self) -> Result<(), Error> {
-        let mut state = self.inner.layer.write();
-        if state.sealed {
-            return Err(Error::Finished {
-                path: self.inner.cfg.layer_dir.clone(),
-            });
-        }
-        state.sealed = true;
-        commit::remove_layer(&self.inner.cfg)
+        let _state = self.seal()?;
+        journal::remove_layer(&self.inner.cfg.layer_dir)
     }
 
     /// Request counts so far.

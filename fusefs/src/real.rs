@@ -207,6 +207,34 @@ pub(crate) fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<us
     Ok(removed + 1)
 }
 
+/// How many entries `remove_tree_at` would remove for `name` in `dir` (0 when absent).
+pub(crate) fn count_tree_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<usize> {
+    let st = match stat_at(dir, name) {
+        Ok(st) => st,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if !is_dir(&st) {
+        return Ok(1);
+    }
+    let sub = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut count = 1;
+    let mut d = rustix::fs::Dir::read_from(&sub)?;
+    while let Some(entry) = d.read() {
+        let entry = entry?;
+        let n = entry.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            count += count_tree_at(sub.as_fd(), OsStr::from_bytes(n))?;
+        }
+    }
+    Ok(count)
+}
+
 /// Copies the regular file `src` into the new file `name` in `dir` with the given metadata.
 /// The new file is removed again if anything fails.
 pub(crate) fn copy_file_at(

@@ -8,18 +8,18 @@
 //! Needs root and /dev/fuse. Without them it prints `SKIP: <reason>` and passes, unless
 //! `COT_MUST_WORK=1`, in which case it fails. Arguments are substring filters on test names.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cot_fusefs::{AccessKind, Handle, Options, ProxyFs, Server};
+use cot_fusefs::{AccessKind, Handle, Options, ProxyFs, Recovery, Server};
 
 // ----- harness -----
 
@@ -54,6 +54,11 @@ fn main() {
         handle_is_shareable,
         binds_map_view_subtrees,
         parallel_writers_commit_consistently,
+        commit_interrupted_anywhere_is_recovered,
+        commit_interrupted_anywhere_is_recovered_across_file_systems,
+        recover_discards_a_layer_without_journal,
+        recover_discards_a_torn_journal,
+        recover_refuses_an_unknown_journal_version,
     ];
     if let Err(reason) = environment() {
         if std::env::var("COT_MUST_WORK").as_deref() == Ok("1") {
@@ -143,6 +148,7 @@ impl Fixture {
         let mut opts = Options::new(&real, &layer);
         opts.ttl = Duration::from_secs(3600);
         configure(&mut opts);
+        let layer = opts.layer_dir.clone();
         let (fs, handle) = ProxyFs::new(opts).expect("ProxyFs::new");
         let fd: OwnedFd = File::options()
             .read(true)
@@ -1027,4 +1033,290 @@ fn parallel_writers_commit_consistently() {
             format!("{t}-5").as_bytes()
         );
     }
+}
+
+// ----- crash safety of commit -----
+
+/// The real tree the crash tests change.
+fn crash_tree(real: &Path) {
+    write(&real.join("w/keep"), b"keep");
+    write(&real.join("w/over"), b"old content");
+    write(&real.join("w/gone"), b"gone");
+    write(&real.join("w/olddir/a"), b"a");
+    write(&real.join("w/olddir/sub/b"), b"b");
+    write(&real.join("w/mv/one"), b"1");
+    write(&real.join("w/mv/sub/two"), b"2");
+    write(&real.join("w/f2d"), b"a file for now");
+    write(&real.join("w/d2f/x"), b"x");
+    write(&real.join("w/rec/c1"), b"c1");
+    write(&real.join("w/rec/c2/deep"), b"deep");
+    write(&real.join("w/same/old"), b"old");
+    write(&real.join("w").join(OsStr::from_bytes(b"bad\xff")), b"bad");
+    fs::set_permissions(real.join("w/same"), fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// What the thunk does: creates, overwrites, deletes (files and non-empty directories),
+/// renames a directory with children, makes a symlink, changes types both ways, re-creates a
+/// deleted directory with part of its old names, changes modes and uses non-UTF-8 names.
+fn crash_changes(f: &Fixture) {
+    write(&f.v("/w/created"), b"created");
+    write(&f.v("/w/new/deep/x.o"), &pattern(100_000, 7));
+    write(&f.v("/w/over"), b"new content");
+    fs::remove_file(f.v("/w/gone")).expect("unlink");
+    fs::remove_dir_all(f.v("/w/olddir")).expect("rm -r");
+    fs::rename(f.v("/w/mv"), f.v("/w/moved")).expect("rename dir");
+    write(&f.v("/w/moved/sub/three"), b"3");
+    symlink("moved/one", f.v("/w/link")).expect("symlink");
+    fs::remove_file(f.v("/w/f2d")).expect("unlink");
+    fs::create_dir(f.v("/w/f2d")).expect("mkdir");
+    write(&f.v("/w/f2d/inner"), b"inner");
+    fs::set_permissions(f.v("/w/f2d"), fs::Permissions::from_mode(0o750)).expect("chmod");
+    fs::remove_dir_all(f.v("/w/d2f")).expect("rm -r");
+    write(&f.v("/w/d2f"), b"a file now");
+    fs::remove_dir_all(f.v("/w/rec")).expect("rm -r");
+    fs::create_dir_all(f.v("/w/rec/c2")).expect("mkdir");
+    write(&f.v("/w/rec/c2/fresh"), b"fresh");
+    write(&f.v("/w/same/added"), b"added");
+    fs::set_permissions(f.v("/w/same"), fs::Permissions::from_mode(0o705)).expect("chmod");
+    fs::set_permissions(f.v("/w/keep"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    write(&f.v("/w").join(OsStr::from_bytes(b"\xfe\xfdnew")), b"odd");
+    write(
+        &f.v("/w").join(OsStr::from_bytes(b"bad\xff")),
+        b"bad, changed",
+    );
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    /// `data` is the content, escaped, or its size and hash when longer than 64 bytes.
+    File {
+        mode: u32,
+        owner: (u32, u32),
+        data: String,
+    },
+    Dir {
+        mode: u32,
+        owner: (u32, u32),
+    },
+    Symlink {
+        target: PathBuf,
+    },
+    Other {
+        mode: u32,
+    },
+}
+
+/// Every entry under `root` (relative path as bytes) with its type, mode, owner, and content
+/// or link target.
+fn listing(root: &Path) -> BTreeMap<Vec<u8>, Entry> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, Entry>) {
+        for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {dir:?}: {e}")) {
+            let path = entry.expect("dir entry").path();
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            let rel = path.strip_prefix(root).expect("beneath root");
+            let mode = meta.mode() & 0o7777;
+            let owner = (meta.uid(), meta.gid());
+            let kind = meta.file_type();
+            let entry = if kind.is_dir() {
+                walk(root, &path, out);
+                Entry::Dir { mode, owner }
+            } else if kind.is_symlink() {
+                Entry::Symlink {
+                    target: fs::read_link(&path).expect("readlink"),
+                }
+            } else if kind.is_file() {
+                let data = read(&path);
+                let data = if data.len() <= 64 {
+                    data.escape_ascii().to_string()
+                } else {
+                    let hash = data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+                    });
+                    format!("{} bytes, FNV-1a {hash:016x}", data.len())
+                };
+                Entry::File { mode, owner, data }
+            } else {
+                Entry::Other { mode: meta.mode() }
+            };
+            out.insert(rel.as_os_str().as_bytes().to_vec(), entry);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn journal_of(layer: &Path) -> PathBuf {
+    let mut name = layer.file_name().expect("layer name").to_os_string();
+    name.push(".journal");
+    layer.with_file_name(name)
+}
+
+/// Unmounts a file system when dropped.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// For every `n` up to the number of operations of the commit of [`crash_changes`]: stops the
+/// commit after `n` operations, recovers, and compares the real tree with the one a complete
+/// commit gives. `layer_fs` holds the layers (a file system of its own when given).
+fn check_commit_interrupted_anywhere(layer_fs: Option<&Path>) {
+    let layer_of = |name: String| {
+        move |opts: &mut Options| {
+            opts.writable.push("/w".into());
+            if let Some(dir) = layer_fs {
+                let layer = dir.join(name);
+                fs::create_dir(&layer).expect("layer dir");
+                opts.layer_dir = layer;
+            }
+        }
+    };
+    let mut f = Fixture::new(crash_tree, layer_of("complete".into()));
+    crash_changes(&f);
+    let summary = f.handle.commit().expect("commit");
+    f.unmount();
+    let expected = listing(&f.real);
+    // A sample of what the complete commit does, checked by the tests above in detail.
+    assert!(
+        matches!(&expected[&b"w/moved/sub/three"[..]], Entry::File { data, .. } if data == "3")
+    );
+    assert!(matches!(
+        &expected[&b"w/rec/c2/fresh"[..]],
+        Entry::File { .. }
+    ));
+    assert!(!expected.contains_key(&b"w/rec/c1"[..]) && !expected.contains_key(&b"w/mv"[..]));
+    assert!(matches!(
+        &expected[&b"w/f2d"[..]],
+        Entry::Dir { mode: 0o750, .. }
+    ));
+    assert!(matches!(
+        &expected[&b"w/same"[..]],
+        Entry::Dir { mode: 0o705, .. }
+    ));
+    assert!(matches!(
+        &expected[&b"w/\xfe\xfdnew"[..]],
+        Entry::File { .. }
+    ));
+    assert!(!f.layer.exists() && !journal_of(&f.layer).exists());
+
+    let mut n = 0;
+    loop {
+        let mut f = Fixture::new(crash_tree, layer_of(format!("layer{n}")));
+        crash_changes(&f);
+        let total = f
+            .handle
+            .commit_interrupted_after(n)
+            .expect("interrupted commit");
+        assert!(total > 20, "the commit has {total} operations");
+        f.unmount();
+        assert!(
+            journal_of(&f.layer).exists(),
+            "journal kept after {n} of {total}"
+        );
+        let recovered = cot_fusefs::recover(&f.layer).expect("recover");
+        assert_eq!(
+            recovered,
+            Recovery::Completed(summary),
+            "after {n} of {total}"
+        );
+        assert_eq!(
+            listing(&f.real),
+            expected,
+            "real tree after recovering from a stop after {n} of {total} operations"
+        );
+        assert!(!f.layer.exists(), "layer removed");
+        assert!(!journal_of(&f.layer).exists(), "journal removed");
+        // Recovering again finds nothing to do.
+        assert_eq!(
+            cot_fusefs::recover(&f.layer).expect("recover again"),
+            Recovery::Discarded
+        );
+        assert_eq!(listing(&f.real), expected);
+        if n >= total {
+            break;
+        }
+        n += 1;
+    }
+}
+
+fn commit_interrupted_anywhere_is_recovered() {
+    check_commit_interrupted_anywhere(None);
+}
+
+fn commit_interrupted_anywhere_is_recovered_across_file_systems() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    rustix::mount::mount(
+        "cot-test",
+        dir.path(),
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .expect("mount tmpfs");
+    let _guard = MountGuard(dir.path().to_path_buf());
+    check_commit_interrupted_anywhere(Some(dir.path()));
+}
+
+fn recover_discards_a_layer_without_journal() {
+    let mut f = Fixture::new(crash_tree, |opts| opts.writable.push("/w".into()));
+    let before = listing(&f.real);
+    crash_changes(&f);
+    // The process dies before committing: the layer holds the changes, there is no journal.
+    f.unmount();
+    assert!(fs::read_dir(&f.layer).expect("layer").count() > 0);
+    assert_eq!(
+        cot_fusefs::recover(&f.layer).expect("recover"),
+        Recovery::Discarded
+    );
+    assert_eq!(listing(&f.real), before);
+    assert!(!f.layer.exists());
+}
+
+fn recover_discards_a_torn_journal() {
+    let mut f = Fixture::new(crash_tree, |opts| opts.writable.push("/w".into()));
+    let before = listing(&f.real);
+    crash_changes(&f);
+    f.handle
+        .commit_interrupted_after(0)
+        .expect("interrupted commit");
+    f.unmount();
+    let journal = journal_of(&f.layer);
+    let bytes = read(&journal);
+    fs::write(&journal, &bytes[..bytes.len() / 2]).expect("truncate journal");
+    let mut tmp = journal.clone().into_os_string();
+    tmp.push(".tmp");
+    fs::write(&tmp, &bytes[..10]).expect("stray temporary journal");
+    assert_eq!(
+        cot_fusefs::recover(&f.layer).expect("recover"),
+        Recovery::Discarded
+    );
+    assert_eq!(listing(&f.real), before);
+    assert!(!f.layer.exists());
+    assert!(!journal.exists());
+    assert!(!Path::new(&tmp).exists());
+}
+
+fn recover_refuses_an_unknown_journal_version() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layer = tmp.path().join("layer");
+    write(&layer.join("w/file"), b"from the layer");
+    let journal = journal_of(&layer);
+    fs::write(
+        &journal,
+        b"cot-fusefs-journal 99\nwhatever a later version writes",
+    )
+    .expect("journal");
+    let err = cot_fusefs::recover(&layer).expect_err("an unknown version is refused");
+    assert!(
+        matches!(err, cot_fusefs::Error::JournalVersion { ref version, .. } if version == "99"),
+        "{err}"
+    );
+    assert!(
+        journal.exists() && layer.join("w/file").exists(),
+        "both are kept"
+    );
 }
