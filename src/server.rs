@@ -196,6 +196,16 @@ pub fn serve(dir: &Path) -> anyhow::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
     let mut idle_since = Instant::now();
     loop {
+        // Wait for a connection (no polling delay on the first request of a client), waking
+        // now and then to see whether the server has been idle long enough to exit.
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&listener),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false)?;
@@ -213,7 +223,6 @@ pub fn serve(dir: &Path) -> anyhow::Result<()> {
                 } else if idle_since.elapsed() >= IDLE_EXIT {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(2));
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),

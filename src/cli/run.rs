@@ -172,7 +172,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
             );
         } else {
             eprintln!(
-                "cot: not run, {} files hashed to decide, {:.1} ms",
+                "cot: not run: decided in {:.2} ms with {} files hashed, {:.2} ms in all",
+                report.decided_in.as_secs_f64() * 1000.0,
                 report.hashes,
                 report.duration.as_secs_f64() * 1000.0
             );

@@ -58,6 +58,9 @@ pub struct MemoReport {
     pub duration: Duration,
     /// Files hashed while deciding (a no-op must hash none that did not change).
     pub hashes: u64,
+    /// From the start to the decision (connecting to the store, reading the traces, checking
+    /// every input), before any output is restored.
+    pub decided_in: Duration,
 }
 
 fn now_ns() -> i64 {
@@ -66,12 +69,19 @@ fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// File states fetched from the store in one batch.
-struct Fetched(HashMap<PathBuf, FileState>);
+/// File states asked of the store when needed: only for files whose stat tuple differs from
+/// the recorded one, so a no-op asks for none.
+struct LazyStates<'c>(std::cell::RefCell<&'c mut Client>);
 
-impl FileStates for Fetched {
+impl FileStates for LazyStates<'_> {
     fn get(&self, real: &Path) -> Option<FileState> {
-        self.0.get(real).cloned()
+        let path = real.as_os_str().as_bytes().to_vec();
+        self.0
+            .borrow_mut()
+            .file_states(vec![path])
+            .ok()?
+            .pop()
+            .flatten()
     }
 }
 
@@ -107,6 +117,8 @@ pub fn run(
 ) -> Result<MemoReport, Error> {
     let started = std::time::Instant::now();
     let project_root = super::project::find_root(&thunk.cwd);
+    // A run killed while committing is completed before anything is decided from the files.
+    super::project::recover_dead_layers(&project_root);
     let paths = Paths::new(&project_root);
     let binds = Binds::new(super::view_binds(thunk, &project_root)?);
     let hidden = super::hide_globs(&thunk.hide)?;
@@ -118,59 +130,51 @@ pub fn run(
 
     let mut reason = "--no-cache".to_string();
     let mut hashes = 0;
+    let mut decided_in = Duration::ZERO;
     if !options.no_cache {
         let traces = client.traces(id)?;
-        let wanted = traces
-            .iter()
-            .flat_map(|(_, trace)| content_paths(trace, &paths, &binds))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect::<Vec<_>>();
-        let states = client.file_states(
-            wanted
-                .iter()
-                .map(|p| p.as_os_str().as_bytes().to_vec())
-                .collect(),
-        )?;
-        let fetched = Fetched(
-            wanted
-                .into_iter()
-                .zip(states)
-                .filter_map(|(path, state)| Some((path, state?)))
-                .collect(),
-        );
-        let observer = Observer::new(&paths, &binds, options.check, &fetched, &hidden);
+        let lazy = LazyStates(std::cell::RefCell::new(&mut client));
+        let observer = Observer::new(&paths, &binds, options.check, &lazy, &hidden);
         let decision = decide(&traces, &observer, options.cache_failures);
-        hashes = observer.hashes();
-        match decision {
+        decided_in = started.elapsed();
+        let hit = match decision {
             Ok((trace_id, trace)) => match materialize(trace, &cas, &observer) {
-                Ok(restored) => {
-                    replay(&cas, trace)?;
-                    client.touch(id, trace_id, now_ns())?;
-                    let learned = observer.take_learned();
-                    if !learned.is_empty() {
-                        client.put_file_states(learned)?;
-                    }
-                    return Ok(MemoReport {
-                        exit_code: trace.exit_code,
-                        explanation: format!(
-                            "cached: {} inputs unchanged, restored {restored} outputs",
-                            trace.inputs.len()
-                        ),
-                        message: None,
-                        accesses: Vec::new(),
-                        ran: false,
-                        passthrough: false,
-                        duration: started.elapsed(),
-                        hashes,
-                    });
-                }
+                Ok(restored) => Some((trace_id, trace, restored)),
                 Err(e) => {
                     eprintln!("cot: {e}; running the command instead");
                     reason = format!("could not restore the outputs ({e})");
+                    None
                 }
             },
-            Err(why) => reason = why,
+            Err(why) => {
+                reason = why;
+                None
+            }
+        };
+        hashes = observer.hashes();
+        let learned = observer.take_learned();
+        // The observer borrows the client (through `lazy`) until here.
+        drop(observer);
+        if !learned.is_empty() {
+            client.put_file_states(learned)?;
+        }
+        if let Some((trace_id, trace, restored)) = hit {
+            replay(&cas, trace)?;
+            client.touch(id, trace_id, now_ns())?;
+            return Ok(MemoReport {
+                exit_code: trace.exit_code,
+                explanation: format!(
+                    "cached: {} inputs unchanged, restored {restored} outputs",
+                    trace.inputs.len()
+                ),
+                message: None,
+                accesses: Vec::new(),
+                ran: false,
+                passthrough: false,
+                duration: started.elapsed(),
+                hashes,
+                decided_in,
+            });
         }
     }
 
@@ -223,6 +227,7 @@ pub fn run(
         passthrough: ran.passthrough,
         duration: started.elapsed(),
         hashes,
+        decided_in,
     })
 }
 
@@ -232,29 +237,6 @@ impl FileStates for NoStates {
     fn get(&self, _real: &Path) -> Option<FileState> {
         None
     }
-}
-
-/// The real paths whose cached file states a check of `trace` may use.
-fn content_paths<'a>(
-    trace: &'a Trace,
-    paths: &'a Paths,
-    binds: &'a Binds,
-) -> impl Iterator<Item = PathBuf> + 'a {
-    let inputs = trace
-        .inputs
-        .iter()
-        .filter_map(move |input| match input.observed {
-            Observed::Content { .. } => Some(binds.real(&paths.to_view(&input.path))),
-            _ => None,
-        });
-    let outputs = trace
-        .outputs
-        .iter()
-        .filter_map(move |output| match output.state {
-            OutputState::File { .. } => Some(binds.real(&paths.to_view(&output.path))),
-            _ => None,
-        });
-    inputs.chain(outputs)
 }
 
 /// The first valid trace, most recently used first, or why there is none.

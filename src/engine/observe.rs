@@ -77,6 +77,9 @@ pub struct Observer<'a> {
     pub internal: PathBuf,
     hashes: AtomicU64,
     learned: Mutex<Vec<(Vec<u8>, FileState)>>,
+    /// `lstat` results of this observer's life: one decision checks a path's `stat` and
+    /// `read` inputs against one look at it.
+    seen: Mutex<std::collections::HashMap<PathBuf, fs::Metadata>>,
 }
 
 /// The stat tuple of a file's metadata.
@@ -125,7 +128,17 @@ impl<'a> Observer<'a> {
             internal: paths.project_root().join(super::project::STATE_DIR),
             hashes: AtomicU64::new(0),
             learned: Mutex::new(Vec::new()),
+            seen: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    fn lstat(&self, real: &Path) -> io::Result<fs::Metadata> {
+        if let Some(meta) = self.seen.lock().get(real) {
+            return Ok(meta.clone());
+        }
+        let meta = fs::symlink_metadata(real)?;
+        self.seen.lock().insert(real.to_path_buf(), meta.clone());
+        Ok(meta)
     }
 
     /// How many files were hashed so far.
@@ -171,7 +184,7 @@ impl<'a> Observer<'a> {
         exclude: &HashSet<OsString>,
     ) -> io::Result<Observed> {
         let real = self.binds.real(view);
-        let meta = match fs::symlink_metadata(&real) {
+        let meta = match self.lstat(&real) {
             Ok(meta) => meta,
             Err(e) if is_absent(&e) => return Ok(Observed::Absent),
             Err(e) => return Err(e),
@@ -295,7 +308,7 @@ impl<'a> Observer<'a> {
         if let Observed::Content { stat, .. } = &input.observed {
             if self.check != CheckMode::Digest {
                 let real = self.binds.real(&view);
-                if let Ok(meta) = fs::symlink_metadata(&real) {
+                if let Ok(meta) = self.lstat(&real) {
                     if meta.file_type().is_file() && stat_tuple(&meta) == *stat {
                         return None;
                     }

@@ -6,7 +6,8 @@
 //! `.cot/tmp/layer-<pid>-<n>/` on the project's filesystem, so that committing its outputs is a
 //! rename, and a lock file `.cot/tmp/layer-<pid>-<n>.lock` held (flock) for as long as the
 //! thunk runs. A layer whose lock is free belongs to a cot that died (SIGKILL, power loss): its
-//! writes were never committed, and the next run removes it.
+//! commit, if it had begun (its journal exists), is completed by the next run; otherwise the
+//! layer is dropped. Either way the real files are those of a complete run or of none.
 
 use std::fs::{self, File};
 use std::io;
@@ -84,7 +85,13 @@ pub fn reserve_layer(root: &Path) -> io::Result<LayerSlot> {
     })
 }
 
-/// Removes every `layer-*` whose lock file is not held by a live cot.
+/// Settles the layers of dead cot processes in the project: an interrupted commit is
+/// completed, an uncommitted layer dropped. Runs before anything looks at the project's files.
+pub fn recover_dead_layers(root: &Path) {
+    sweep_dead_layers(&root.join(STATE_DIR).join("tmp"));
+}
+
+/// Settles every `layer-*` whose lock file is not held by a live cot.
 fn sweep_dead_layers(tmp: &Path) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;
@@ -115,7 +122,12 @@ fn sweep_dead_layers(tmp: &Path) {
         };
         // Holding the lock proves its owner is gone; keep holding it while we clean up.
         if let Ok(_held) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            let _ = fs::remove_dir_all(path.with_extension(""));
+            let layer = path.with_extension("");
+            if let Err(e) = cot_fusefs::recover(&layer) {
+                // Kept (lock file included) for the next run to retry; say why.
+                eprintln!("cot: cannot settle the layer of a dead run: {e}");
+                continue;
+            }
             let _ = fs::remove_file(path.with_extension("stdout"));
             let _ = fs::remove_file(path.with_extension("stderr"));
             let _ = fs::remove_file(&path);
