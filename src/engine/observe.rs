@@ -336,26 +336,31 @@ impl<'a> Observer<'a> {
 
 impl Observer<'_> {
     /// Whether two observations are the same for validity. Content compares by digest only
-    /// (the stat tuple is a shortcut, not part of what the thunk saw). A file's mtime, though
-    /// recorded, counts only under `--check mtime`: with digests, touching a file or a
-    /// checkout that rewrites it unchanged must not rerun what looked at it.
+    /// (the stat tuple is a shortcut, not part of what the thunk saw). An mtime, though
+    /// recorded, counts only under `--check mtime`: with digests, touching a file, or a
+    /// checkout that makes a file or a symlink again as it was, must not rerun what looked at
+    /// it.
     fn same(&self, recorded: &Observed, now: &Observed) -> bool {
         match (recorded, now) {
             (Observed::Content { digest: a, .. }, Observed::Content { digest: b, .. }) => a == b,
             (
                 Observed::Meta {
-                    kind: FileKind::File,
+                    kind: kind_a,
                     mode: mode_a,
                     size: size_a,
+                    link: link_a,
                     ..
                 },
                 Observed::Meta {
-                    kind: FileKind::File,
+                    kind: kind_b,
                     mode: mode_b,
                     size: size_b,
+                    link: link_b,
                     ..
                 },
-            ) if self.check != CheckMode::Mtime => mode_a == mode_b && size_a == size_b,
+            ) if self.check != CheckMode::Mtime => {
+                kind_a == kind_b && mode_a == mode_b && size_a == size_b && link_a == link_b
+            }
             _ => recorded == now,
         }
     }

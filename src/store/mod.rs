@@ -524,8 +524,9 @@ impl Store {
         Ok(new_id)
     }
 
-    /// Marks a trace as just used: moves it to the front of its thunk's list and sets the
-    /// thunk's `last_used_ns` to `now_ns` (unless it is already later).
+    /// Marks a trace as just used: moves it to the front of its thunk's list, sets the
+    /// thunk's `last_used_ns` to `now_ns` (unless it is already later), and makes the thunk the
+    /// writer of the trace's outputs (a reused trace put them there again).
     pub fn touch(&self, id: &ThunkId, trace: &TraceId, now_ns: i64) -> Result<(), Error> {
         self.check_writable()?;
         let _guard = self.write_lock.lock();
@@ -546,6 +547,19 @@ impl Store {
         info.last_used_ns = info.last_used_ns.max(now_ns);
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(THUNKS)?, id, encode(&info));
+        // A reused trace wrote its outputs again (restored them, or found them as it left
+        // them): this thunk is now their last writer.
+        let used: Option<Trace> = self.get_value(
+            TRACES,
+            &schema::trace_key(id, trace),
+            &ReadOptions::default(),
+        )?;
+        if let Some(used) = used {
+            let writers_cf = self.cf(WRITERS)?;
+            for path in output_keys([&used].into_iter()) {
+                batch.put_cf(writers_cf, path, id);
+            }
+        }
         self.write(batch, false)
     }
 

@@ -37,7 +37,8 @@
 //!   `thunks[T].traces`: the "kept" traces.
 //! - `readers` holds `P ++ 0x00 ++ T` exactly when some kept trace of `T` has an input at `P`.
 //! - `writers[P] = T` only when some kept trace of `T` has an output at `P`. It names the thunk
-//!   whose most recent record had an output at `P`; when that thunk keeps no trace with an
+//!   whose most recent record or reuse (`touch`) had an output at `P`; when that thunk keeps
+//!   no trace with an
 //!   output at `P` any more (dropped by the LRU bound or by garbage collection), the row is
 //!   removed rather than falling back to an older writer.
 //! - `files` is a cache of digests of real files, valid while their stat tuple matches; a row

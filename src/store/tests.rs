@@ -775,6 +775,10 @@ proptest! {
                     store.touch(&id, &trace, 0).unwrap();
                     list.retain(|x| *x != trace);
                     list.insert(0, trace);
+                    // A reused trace makes its thunk the last writer of its outputs.
+                    for path in &outputs_of[&trace] {
+                        writers.insert(path.clone(), id);
+                    }
                 }
             }
         }
