@@ -137,6 +137,43 @@ impl Project {
         cmd
     }
 
+    /// `cot run --explain [flags] -- sh -c SCRIPT`, and whether the command ran (else the run
+    /// was a hit).
+    pub fn explain(&self, flags: &[&str], script: &str) -> (Run, bool) {
+        let mut all = vec!["--explain"];
+        all.extend_from_slice(flags);
+        let run = self.run(&all, &["sh", "-c", script]);
+        let ran = if run.stderr.contains("cot: ran: ") {
+            true
+        } else if run.stderr.contains("cot: cached: ") {
+            false
+        } else {
+            panic!("no explanation:\n{}", run.describe());
+        };
+        (run, ran)
+    }
+
+    /// `cot ARGS...` (show, query, gc, clean) in the project root.
+    pub fn cot(&self, args: &[&str]) -> Run {
+        self.cot_in("", args)
+    }
+
+    /// `cot ARGS...` in the project directory `rel`.
+    pub fn cot_in(&self, rel: &str, args: &[&str]) -> Run {
+        let output = Command::new(cot_bin())
+            .current_dir(self.root().join(rel))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        Run {
+            status: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            trace: Vec::new(),
+        }
+    }
+
     pub fn trace_path(&self) -> PathBuf {
         // Outside the project: the trace file is cot's output, not the thunk's.
         PathBuf::from(format!("{}.trace.jsonl", self.root().display()))

@@ -5,9 +5,12 @@
 
 mod harness;
 
+mod crash;
+mod inspect;
 mod isolation;
 mod lifecycle;
 mod memo;
+mod memo_props;
 mod rootless;
 mod tracing;
 mod writes;

@@ -4,24 +4,9 @@
 use crate::harness::{machine_shared, Project, Run};
 use crate::require_sandbox;
 
-/// `cot run --explain [flags] -- sh -c SCRIPT`, and whether it ran.
-fn explain(p: &Project, flags: &[&str], script: &str) -> (Run, bool) {
-    let mut all = vec!["--explain"];
-    all.extend_from_slice(flags);
-    let run = p.run(&all, &["sh", "-c", script]);
-    let ran = if run.stderr.contains("cot: ran: ") {
-        true
-    } else if run.stderr.contains("cot: cached: ") {
-        false
-    } else {
-        panic!("no explanation:\n{}", run.describe());
-    };
-    (run, ran)
-}
-
 #[track_caller]
 fn assert_ran(p: &Project, script: &str, why: &str) -> Run {
-    let (run, ran) = explain(p, &[], script);
+    let (run, ran) = p.explain(&[], script);
     assert!(ran, "expected a run ({why}):\n{}", run.describe());
     assert!(
         run.stderr.contains(why),
@@ -33,7 +18,7 @@ fn assert_ran(p: &Project, script: &str, why: &str) -> Run {
 
 #[track_caller]
 fn assert_cached(p: &Project, script: &str) -> Run {
-    let (run, ran) = explain(p, &[], script);
+    let (run, ran) = p.explain(&[], script);
     assert!(!ran, "expected a hit:\n{}", run.describe());
     run
 }
@@ -84,7 +69,7 @@ fn each_kind_of_change_is_a_miss() {
 
     // Another command line or environment is another thunk.
     assert_ran(&p, &format!("{script}; true"), "no earlier trace").ok();
-    let (run, ran) = explain(&p, &["--env", "X=1"], script);
+    let (run, ran) = p.explain(&["--env", "X=1"], script);
     assert!(ran, "{}", run.describe());
 }
 
@@ -102,7 +87,7 @@ fn touching_an_input_without_changing_it_is_a_hit() {
     // --check mtime trusts timestamps alone.
     std::thread::sleep(std::time::Duration::from_millis(20));
     p.write("in", "same");
-    let (run, ran) = explain(&p, &["--check", "mtime"], script);
+    let (run, ran) = p.explain(&["--check", "mtime"], script);
     assert!(ran, "{}", run.describe());
 }
 
@@ -172,7 +157,7 @@ fn a_corrupt_object_is_reported_and_the_command_runs() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&object, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&object, "precious c0ntent").unwrap();
-    let (run, ran) = explain(&p, &[], script);
+    let (run, ran) = p.explain(&[], script);
     assert!(ran, "{}", run.describe());
     assert!(run.stderr.contains("corrupt"), "reported: {}", run.stderr);
     assert_eq!(p.read("out").as_deref(), Some("precious content"));
@@ -184,12 +169,12 @@ fn failed_runs_are_not_reused_unless_asked() {
     let _machine = machine_shared();
     let p = Project::new();
     let script = "echo failing; exit 3";
-    let (run, ran) = explain(&p, &[], script);
+    let (run, ran) = p.explain(&[], script);
     assert!(ran && run.status == 3);
-    let (run, ran) = explain(&p, &[], script);
+    let (run, ran) = p.explain(&[], script);
     assert!(ran && run.status == 3);
     assert!(run.stderr.contains("--cache-failures"), "{}", run.stderr);
-    let (run, ran) = explain(&p, &["--cache-failures"], script);
+    let (run, ran) = p.explain(&["--cache-failures"], script);
     assert!(!ran, "{}", run.describe());
     assert_eq!(run.status, 3);
     assert_eq!(run.stdout, "failing\n");
@@ -201,9 +186,9 @@ fn no_cache_always_runs_and_still_records() {
     let _machine = machine_shared();
     let p = Project::new();
     let script = "echo hi > out";
-    let (run, ran) = explain(&p, &["--no-cache"], script);
+    let (run, ran) = p.explain(&["--no-cache"], script);
     assert!(ran, "{}", run.describe());
-    let (run, ran) = explain(&p, &["--no-cache"], script);
+    let (run, ran) = p.explain(&["--no-cache"], script);
     assert!(ran, "{}", run.describe());
     assert_cached(&p, script).ok();
 }
@@ -262,4 +247,20 @@ fn a_moved_checkout_reuses_the_traces() {
     let run = assert_cached(&moved, script).ok();
     assert!(run.stderr.contains("restored 1 outputs"), "{}", run.stderr);
     assert_eq!(moved.read("out").as_deref(), Some("data"));
+}
+
+#[test]
+fn a_symlink_made_again_with_the_same_target_is_a_hit() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let p = Project::new();
+    p.write("target", "data");
+    std::os::unix::fs::symlink("target", p.root().join("link")).unwrap();
+    let script = "cat link > out";
+    assert_ran(&p, script, "no earlier trace").ok();
+    // As a checkout switching branches back does.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::remove_file(p.root().join("link")).unwrap();
+    std::os::unix::fs::symlink("target", p.root().join("link")).unwrap();
+    assert_cached(&p, script).ok();
 }
