@@ -2,9 +2,11 @@
 //!
 //! A *thunk* is one command line run inside a sandbox whose root is cot's FUSE filesystem
 //! ([`cot_fusefs`]) set up by [`cot_sandbox`]. The [`engine`] composes the two: it declares what
-//! the thunk may see and write ([`engine::Thunk`]), runs it ([`engine::run`]), commits its writes
-//! only when it succeeds, and returns its [`engine::RunReport`] with the exact list of accesses.
-//! [`trace`] writes that list as JSON lines. [`cli`] is the thin command-line layer.
+//! the thunk may see and write ([`engine::Thunk`]), runs it ([`engine::execute`]) and commits
+//! its writes only when it succeeds. [`engine::memo`] makes runs memoized: traces in the
+//! RocksDB [`store`] (served to every cot of a project by the [`server`]), file contents in the
+//! blake3 content store [`cas`]. [`trace`] writes the exact list of accesses as JSON lines.
+//! [`cli`] is the thin command-line layer.
 
 pub mod cas;
 pub mod cli;

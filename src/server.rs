@@ -12,8 +12,9 @@
 //!   socket addresses; its permissions are the store directory's).
 //! - Framing: each message is a little-endian `u32` length and a postcard-encoded
 //!   [`Request`] or [`Response`].
-//! - Life: the first client that cannot connect starts `cot store-server <store>` detached
-//!   (its own process group, output to `<store>/server.log`). The server holds an exclusive
+//! - Life: the first client that cannot connect starts `cot-store-server <store>` (the
+//!   binary beside `cot`'s own executable; a separate one so that `cot` does not load RocksDB)
+//!   detached (its own process group, output to `<store>/server.log`). The server holds an exclusive
 //!   lock on `<store>/server.lock` for its whole life (a second one exits at once), and exits
 //!   after [`IDLE_EXIT`] without connections. A client whose connection fails retries, starting
 //!   a server again if needed.
@@ -357,27 +358,34 @@ client_methods! {
     find_thunk(prefix: String) -> ThunkId = Request::FindThunk(prefix) => Response::Found(v) => v;
 }
 
-/// Starts `cot store-server DIR` detached from this process's terminal and process group.
+/// The server binary's name; it lives beside the `cot` executable.
+pub const SERVER_BINARY: &str = "cot-store-server";
+
+/// Starts `cot-store-server DIR` detached from this process's terminal and process group.
 fn start_server(dir: &Path) -> Result<(), Error> {
     let start_error = |source| Error::Start {
         store: dir.to_path_buf(),
         source,
     };
-    let exe = std::env::current_exe().map_err(start_error)?;
+    let exe = std::env::current_exe()
+        .map_err(start_error)?
+        .with_file_name(SERVER_BINARY);
     let log = File::options()
         .create(true)
         .append(true)
         .open(dir.join("server.log"))
         .map_err(start_error)?;
     use std::os::unix::process::CommandExt;
-    Command::new(exe)
-        .arg("store-server")
+    Command::new(&exe)
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .process_group(0)
         .spawn()
-        .map_err(start_error)?;
+        .map_err(|source| Error::Start {
+            store: dir.to_path_buf(),
+            source: std::io::Error::new(source.kind(), format!("{}: {source}", exe.display())),
+        })?;
     Ok(())
 }

@@ -37,13 +37,6 @@ enum Command {
     Query(inspect::QueryArgs),
     Gc(inspect::GcArgs),
     Clean(inspect::CleanArgs),
-    /// Serve a trace store to the cot processes of a project (started on demand; not for
-    /// direct use)
-    #[command(hide = true)]
-    StoreServer {
-        /// The trace store directory
-        dir: std::path::PathBuf,
-    },
 }
 
 /// Entry point of the binary.
@@ -55,7 +48,6 @@ pub fn main() -> ExitCode {
         Command::Query(args) => inspect::query(args),
         Command::Gc(args) => inspect::gc(args),
         Command::Clean(args) => inspect::clean(args),
-        Command::StoreServer { dir } => crate::server::serve(&dir).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -179,7 +179,25 @@ pub fn run(
     }
 
     let ran = super::execute(thunk, run_options)?;
-    let observer = Observer::new(&paths, &binds, options.check, &NoStates, &hidden);
+    // The digests of unchanged files it read are known: one batch from the store.
+    let read: Vec<PathBuf> = ran
+        .accesses
+        .iter()
+        .filter(|a| a.kind == AccessKind::Read)
+        .map(|a| binds.real(&a.path))
+        .collect();
+    let states = client.file_states(
+        read.iter()
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+            .collect(),
+    )?;
+    let known = Known(
+        read.into_iter()
+            .zip(states)
+            .filter_map(|(path, state)| Some((path, state?)))
+            .collect(),
+    );
+    let observer = Observer::new(&paths, &binds, options.check, &known, &hidden);
     let output_paths = output_paths(&ran.accesses, &project_root, &thunk.writable);
     let inputs = inputs(&ran.accesses, &observer, &paths, &output_paths);
     let commits = ran.commits(run_options);
@@ -211,13 +229,7 @@ pub fn run(
         };
         client.record(key, trace, files)?;
     }
-    let message = match &ran.outcome {
-        cot_sandbox::Outcome::Exited(_) => None,
-        cot_sandbox::Outcome::Interrupted(_) => {
-            Some(format!("{}; nothing was committed", ran.outcome))
-        }
-        other => Some(other.to_string()),
-    };
+    let message = super::outcome_message(&ran.outcome);
     Ok(MemoReport {
         exit_code: ran.outcome.exit_code(),
         explanation: format!("ran: {reason}"),
@@ -231,11 +243,12 @@ pub fn run(
     })
 }
 
-struct NoStates;
+/// File states fetched from the store in one batch.
+struct Known(HashMap<PathBuf, FileState>);
 
-impl FileStates for NoStates {
-    fn get(&self, _real: &Path) -> Option<FileState> {
-        None
+impl FileStates for Known {
+    fn get(&self, real: &Path) -> Option<FileState> {
+        self.0.get(real).cloned()
     }
 }
 

@@ -61,39 +61,12 @@ pub struct RunOptions {
     pub no_passthrough: bool,
 }
 
-/// What happened when a thunk ran.
-#[derive(Debug)]
-pub struct RunReport {
-    pub outcome: Outcome,
-    /// Every access, once per path and kind, in first-seen order.
-    pub accesses: Vec<Access>,
-    /// What was committed to the real filesystem, if anything.
-    pub committed: Option<CommitSummary>,
-    pub project_root: PathBuf,
-    pub passthrough: bool,
-    pub duration: Duration,
-}
-
-impl RunReport {
-    /// The exit status cot reports for this run, as a shell would: the command's own status,
-    /// 128+N when it was killed by signal N (or cot was interrupted by N), 126 when it could
-    /// not be executed, 127 when it was not found.
-    pub fn exit_code(&self) -> i32 {
-        self.outcome.exit_code()
-    }
-
-    /// The one-line message cot prints for an outcome the command did not print itself.
-    pub fn message(&self) -> Option<String> {
-        match &self.outcome {
-            Outcome::Exited(_) => None,
-            Outcome::Interrupted(_) => Some(format!("{}; nothing was committed", self.outcome)),
-            other => Some(other.to_string()),
-        }
-    }
-
-    /// Whether the command succeeded, so that its writes are committed.
-    pub fn succeeded(&self) -> bool {
-        matches!(self.outcome, Outcome::Exited(0))
+/// The one-line message cot prints for an outcome the command did not print itself.
+pub fn outcome_message(outcome: &Outcome) -> Option<String> {
+    match outcome {
+        Outcome::Exited(_) => None,
+        Outcome::Interrupted(_) => Some(format!("{outcome}; nothing was committed")),
+        other => Some(other.to_string()),
     }
 }
 
@@ -158,25 +131,6 @@ impl Ran {
         self.succeeded()
             || (options.keep_failed && !matches!(self.outcome, Outcome::Interrupted(_)))
     }
-}
-
-/// Runs one thunk to completion and commits its writes when it succeeded.
-pub fn run(thunk: &Thunk, options: &RunOptions) -> Result<RunReport, Error> {
-    let ran = execute(thunk, options)?;
-    let committed = if ran.commits(options) {
-        Some(ran.commit()?)
-    } else {
-        ran.discard()?;
-        None
-    };
-    Ok(RunReport {
-        committed,
-        passthrough: ran.passthrough,
-        duration: ran.duration,
-        project_root: ran.project_root.clone(),
-        accesses: ran.accesses.clone(),
-        outcome: ran.outcome.clone(),
-    })
 }
 
 /// Runs one thunk, keeping its writes in its layer and its output in files.

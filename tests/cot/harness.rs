@@ -334,10 +334,16 @@ pub fn shared_cot_bin() -> PathBuf {
         let dir = Path::new(TEST_ROOT).join("bin");
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(TEST_ROOT, fs::Permissions::from_mode(0o1777)).unwrap();
-        let target = dir.join(format!("cot-{}", std::process::id()));
-        fs::copy(cot_bin(), &target).unwrap();
-        fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
-        target
+        // cot starts its store server from its own directory: both go together.
+        let dir = dir.join(format!("{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let server = PathBuf::from(env!("CARGO_BIN_EXE_cot-store-server"));
+        for (from, name) in [(cot_bin(), "cot"), (server, "cot-store-server")] {
+            let target = dir.join(name);
+            fs::copy(from, &target).unwrap();
+            fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        dir.join("cot")
     })
     .clone()
 }

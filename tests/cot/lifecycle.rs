@@ -205,3 +205,26 @@ fn sigkill_of_cot_leaves_no_process_no_mount_and_commits_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "layers left behind: {leftovers:?}");
 }
+
+#[test]
+fn a_missing_store_server_is_named() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let p = Project::new();
+    // cot alone, without cot-store-server beside it.
+    let lonely = tempfile::Builder::new()
+        .prefix("lonely-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let cot = lonely.path().join("cot");
+    std::fs::copy(crate::harness::cot_bin(), &cot).unwrap();
+    let output = std::process::Command::new(&cot)
+        .args(["run", "--", "true"])
+        .current_dir(p.root())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("cot-store-server"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}
