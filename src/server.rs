@@ -104,6 +104,8 @@ pub enum Error {
     Start { store: PathBuf, source: io::Error },
     #[error("the store server of {} did not start within {:?}; see {}", store.display(), START_TIMEOUT, store.join("server.log").display())]
     StartTimeout { store: PathBuf },
+    #[error("{message}")]
+    ServerFailed { message: String },
     #[error("store {}: {message}", store.display())]
     Store { store: PathBuf, message: String },
     #[error("store server of {} answered {answer} to {request}", store.display())]
@@ -266,9 +268,8 @@ impl Client {
                 stream,
             });
         }
-        start_server(dir)?;
+        let mut server = start_server(dir)?;
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut restarts = 0;
         loop {
             match UnixStream::connect(&socket) {
                 Ok(stream) => {
@@ -278,12 +279,23 @@ impl Client {
                     })
                 }
                 Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    // A server that was just exiting as we started ours makes ours exit too
-                    // (the lock was still held): start another now and then.
-                    restarts += 1;
-                    if restarts % 200 == 0 {
-                        start_server(dir)?;
+                    std::thread::sleep(Duration::from_millis(2));
+                    match server.try_wait() {
+                        // It could not open the store: say why, now.
+                        Ok(Some(status)) if !status.success() => {
+                            return Err(Error::ServerFailed {
+                                message: last_line(&dir.join("server.log")).unwrap_or_else(|| {
+                                    format!(
+                                        "the store server of {} failed ({status})",
+                                        dir.display()
+                                    )
+                                }),
+                            });
+                        }
+                        // Another server held the store (one that was just exiting, or one
+                        // that is about to listen): start ours again until one listens.
+                        Ok(Some(_)) => server = start_server(dir)?,
+                        _ => {}
                     }
                 }
                 Err(_) => {
@@ -361,8 +373,19 @@ client_methods! {
 /// The server binary's name; it lives beside the `cot` executable.
 pub const SERVER_BINARY: &str = "cot-store-server";
 
+/// The last line of a log, without the server's name prefix.
+fn last_line(log: &Path) -> Option<String> {
+    let text = fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    Some(
+        line.strip_prefix("cot-store-server: ")
+            .unwrap_or(line)
+            .to_string(),
+    )
+}
+
 /// Starts `cot-store-server DIR` detached from this process's terminal and process group.
-fn start_server(dir: &Path) -> Result<(), Error> {
+fn start_server(dir: &Path) -> Result<std::process::Child, Error> {
     let start_error = |source| Error::Start {
         store: dir.to_path_buf(),
         source,
@@ -386,6 +409,5 @@ fn start_server(dir: &Path) -> Result<(), Error> {
         .map_err(|source| Error::Start {
             store: dir.to_path_buf(),
             source: std::io::Error::new(source.kind(), format!("{}: {source}", exe.display())),
-        })?;
-    Ok(())
+        })
 }

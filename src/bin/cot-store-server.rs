@@ -11,7 +11,7 @@ fn main() -> std::process::ExitCode {
     match cot::server::serve(std::path::Path::new(&dir)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("cot-store-server: {error:#}");
+            eprintln!("cot-store-server: {}", cot::cli::one_line(&error));
             std::process::ExitCode::from(125)
         }
     }

@@ -60,7 +60,7 @@ pub fn main() -> ExitCode {
 
 /// The error and its causes on one line, each cause once: library errors already include
 /// their source's text in their own message, so a cause already said is not repeated.
-fn one_line(error: &anyhow::Error) -> String {
+pub fn one_line(error: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in error.chain() {
         let text = cause.to_string();

@@ -228,3 +228,23 @@ fn a_missing_store_server_is_named() {
     assert!(stderr.contains("cot-store-server"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
+
+#[test]
+fn a_store_that_cannot_be_opened_is_explained_at_once() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let p = Project::new();
+    // A file where the database directory should be.
+    std::fs::create_dir_all(p.root().join(".cot/store")).unwrap();
+    std::fs::write(p.root().join(".cot/store/db"), "not a database").unwrap();
+    let run = p.run(&[], &["true"]);
+    assert_eq!(run.status, 125, "{}", run.describe());
+    assert!(
+        run.stderr.contains(".cot/store/db"),
+        "names the store: {}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "one line: {}", run.stderr);
+    // The server's own reason, as soon as it gave up, not a start-up timeout.
+    assert!(!run.stderr.contains("did not start"), "{}", run.stderr);
+}
