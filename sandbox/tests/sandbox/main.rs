@@ -428,8 +428,10 @@ fn unopenable_fuse_device_is_explained() -> Verdict {
     let mut launch = Launch::new(Mode::Root, &["true"]);
     launch.extra_flags.push("--userns".into());
     // A second node of the same device, mode 0600, over /dev/fuse: what this machine ships.
+    // The node is made on a scratch tmpfs over /dev/shm, where no test binary ever lives (one
+    // over /tmp would hide a binary built under /tmp).
     launch.wrapper = Some(format!(
-        r#"unshare -m -- sh -c 'mount -t tmpfs tmpfs /tmp && mknod -m 0600 /tmp/fuse c 10 229 && mount --bind /tmp/fuse /dev/fuse && exec setpriv --reuid={0} --regid={1} --clear-groups -- "$0" "$@"' "{2}" "$@""#,
+        r#"unshare -m -- sh -c 'mount -t tmpfs tmpfs /dev/shm && mknod -m 0600 /dev/shm/fuse c 10 229 && mount --bind /dev/shm/fuse /dev/fuse && exec setpriv --reuid={0} --regid={1} --clear-groups -- "$0" "$@"' "{2}" "$@""#,
         user.uid,
         user.gid,
         user.exe.display()
