@@ -126,21 +126,7 @@ impl Config {
         let hide = if opts.hide.is_empty() {
             None
         } else {
-            let mut set = GlobSetBuilder::new();
-            for pattern in &opts.hide {
-                let glob = GlobBuilder::new(pattern)
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|source| Error::Glob {
-                        pattern: pattern.clone(),
-                        source,
-                    })?;
-                set.add(glob);
-            }
-            Some(set.build().map_err(|source| Error::Glob {
-                pattern: opts.hide.join(" "),
-                source,
-            })?)
+            Some(hide_set(&opts.hide)?)
         };
 
         let mut given = Vec::new();
@@ -266,4 +252,25 @@ pub(crate) fn upper_rel(view: &Path) -> &Path {
         Ok(rel) if !rel.as_os_str().is_empty() => rel,
         _ => Path::new("."),
     }
+}
+
+/// Compiles `--hide` patterns as the view matches them: globs over absolute view paths where
+/// `*` stops at `/`. Also used by the caller to leave hidden names out of what it computes
+/// from the real tree, so both agree on what the thunk could see.
+pub fn hide_set(patterns: &[String]) -> Result<GlobSet, Error> {
+    let mut set = GlobSetBuilder::new();
+    for pattern in patterns {
+        let glob = GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|source| Error::Glob {
+                pattern: pattern.clone(),
+                source,
+            })?;
+        set.add(glob);
+    }
+    set.build().map_err(|source| Error::Glob {
+        pattern: patterns.join(" "),
+        source,
+    })
 }

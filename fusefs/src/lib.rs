@@ -43,6 +43,7 @@ use std::time::Duration;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
 pub use access::{Access, AccessKind};
+pub use config::hide_set;
 pub use error::Error;
 pub use ops::ProxyFs;
 

@@ -121,7 +121,7 @@ pub fn run(
     super::project::recover_dead_layers(&project_root);
     let paths = Paths::new(&project_root);
     let binds = Binds::new(super::view_binds(thunk, &project_root)?);
-    let hidden = super::hide_globs(&thunk.hide)?;
+    let hidden = cot_fusefs::hide_set(&thunk.hide)?;
     let key = thunk_key(thunk, &paths);
     let id = thunk_id(&key);
     let (store_dir, cas_dir) = store_dirs(&project_root, options);

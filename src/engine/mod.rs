@@ -87,8 +87,6 @@ pub enum Error {
     Store(#[from] crate::server::Error),
     #[error(transparent)]
     Cas(#[from] crate::cas::Error),
-    #[error("hide pattern {pattern:?} is invalid: {message}")]
-    Glob { pattern: String, message: String },
 }
 
 /// A thunk that ran, with its writes still in its layer: the real file system is as it was
@@ -298,25 +296,6 @@ pub fn view_binds(thunk: &Thunk, project_root: &Path) -> Result<Vec<(PathBuf, Pa
         }
     }
     Ok(binds)
-}
-
-/// The `--hide` globs, compiled as the filesystem matches them.
-pub fn hide_globs(patterns: &[String]) -> Result<globset::GlobSet, Error> {
-    let mut set = globset::GlobSetBuilder::new();
-    for pattern in patterns {
-        let glob = globset::GlobBuilder::new(pattern)
-            .literal_separator(true)
-            .build()
-            .map_err(|e| Error::Glob {
-                pattern: pattern.clone(),
-                message: e.to_string(),
-            })?;
-        set.add(glob);
-    }
-    set.build().map_err(|e| Error::Glob {
-        pattern: patterns.join(" "),
-        message: e.to_string(),
-    })
 }
 
 fn canonical(path: &Path) -> Result<PathBuf, Error> {
