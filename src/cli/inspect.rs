@@ -62,7 +62,8 @@ pub struct QueryArgs {
     store: StoreArgs,
 }
 
-/// Drop traces unused for a while and content objects nothing refers to
+/// Drop traces unused for a while and content objects nothing refers to (a content store given
+/// with --cache, which other projects may share, is left alone)
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// Drop thunks not used for this long: a number with s, m, h or d (e.g. 30d, 12h, 0s)
@@ -305,6 +306,12 @@ pub fn gc(args: GcArgs) -> Result<u8> {
         "freed {} thunks ({} traces), {} file states, {} content objects ({} bytes)",
         report.thunks, report.traces, report.file_states, report.objects, report.bytes
     );
+    if report.shared_cas_kept {
+        eprintln!(
+            "cot: the content store given with --cache may be shared by other projects; its \
+             objects were kept"
+        );
+    }
     Ok(0)
 }
 

@@ -18,6 +18,8 @@ pub struct Project {
     pub paths: Paths,
     pub client: Client,
     pub cas_dir: PathBuf,
+    /// The content store is shared with other projects (`--cache DIR`).
+    pub shared_cas: bool,
 }
 
 impl Project {
@@ -28,6 +30,7 @@ impl Project {
             paths: Paths::new(&root),
             client: Client::connect(&store)?,
             cas_dir,
+            shared_cas: options.cache.is_some(),
         })
     }
 
@@ -63,16 +66,23 @@ impl Project {
     }
 
     /// Drops thunks unused since `before_ns`, then content objects no kept trace refers to.
+    /// A content store shared with other projects is left alone: this project's store cannot
+    /// tell what the others still need.
     pub fn gc(&mut self, before_ns: i64) -> Result<GcReport, Error> {
         let (thunks, traces, file_states) = self.client.gc(before_ns)?;
-        let keep = self.client.referenced_digests()?;
-        let cas = Cas::open(&self.cas_dir)?.gc(&keep)?;
+        let cas = if self.shared_cas {
+            crate::cas::GcReport::default()
+        } else {
+            let keep = self.client.referenced_digests()?;
+            Cas::open(&self.cas_dir)?.gc(&keep)?
+        };
         Ok(GcReport {
             thunks,
             traces,
             file_states,
             objects: cas.objects,
             bytes: cas.bytes,
+            shared_cas_kept: self.shared_cas,
         })
     }
 
@@ -131,4 +141,6 @@ pub struct GcReport {
     pub file_states: usize,
     pub objects: usize,
     pub bytes: u64,
+    /// The content store was shared (`--cache`) and was not collected.
+    pub shared_cas_kept: bool,
 }

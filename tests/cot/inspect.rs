@@ -584,3 +584,52 @@ fn clean_keeps_a_directory_that_holds_other_files() {
     assert!(!p.exists("build/out"));
     assert_eq!(p.read("in").as_deref(), Some("input"));
 }
+
+#[test]
+fn gc_keeps_a_content_store_shared_with_other_projects() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let shared = tempfile::Builder::new()
+        .prefix("shared-cas-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let cache = shared.path().to_str().unwrap();
+    let mine = Project::new();
+    let theirs = Project::new();
+    mine.write("in", "mine");
+    theirs.write("in", "theirs");
+    mine.run(&["--cache", cache], &["sh", "-c", "cp in out"])
+        .ok();
+    theirs
+        .run(&["--cache", cache], &["sh", "-c", "cp in out"])
+        .ok();
+    let count = || walk_files(&shared.path().join("objects")).len();
+    let before = count();
+    assert!(before >= 2, "both projects stored their outputs");
+    let run = mine
+        .cot(&["gc", "--older-than", "0s", "--cache", cache])
+        .ok();
+    assert!(run.stderr.contains("objects were kept"), "{}", run.stderr);
+    assert_eq!(
+        count(),
+        before,
+        "the other project's objects are still there"
+    );
+    // The other project still restores from it.
+    std::fs::remove_file(theirs.root().join("out")).unwrap();
+    let (run, ran) = theirs.explain(&["--cache", cache], "cp in out");
+    assert!(!ran, "{}", run.describe());
+    assert_eq!(theirs.read("out").as_deref(), Some("theirs"));
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            files.extend(walk_files(&entry.path()));
+        } else {
+            files.push(entry.path());
+        }
+    }
+    files
+}
