@@ -41,6 +41,9 @@ use crate::store::Store;
 /// A server with no connection for this long exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 
+/// Overrides [`IDLE_EXIT`], in milliseconds (for tests that watch a server's life).
+pub const IDLE_EXIT_ENV: &str = "COT_STORE_IDLE_EXIT_MS";
+
 /// How long a client waits for a server it started to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -196,6 +199,10 @@ pub fn serve(dir: &Path) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", dir.join("server.sock").display()))?;
     listener.set_nonblocking(true)?;
+    let idle_exit = std::env::var(IDLE_EXIT_ENV)
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(IDLE_EXIT, Duration::from_millis);
     let active = Arc::new(AtomicUsize::new(0));
     let mut idle_since = Instant::now();
     loop {
@@ -211,19 +218,13 @@ pub fn serve(dir: &Path) -> anyhow::Result<()> {
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                stream.set_nonblocking(false)?;
-                let store = Arc::clone(&store);
-                let active = Arc::clone(&active);
-                active.fetch_add(1, Ordering::SeqCst);
-                std::thread::spawn(move || {
-                    let _ = serve_connection(&store, stream);
-                    active.fetch_sub(1, Ordering::SeqCst);
-                });
+                idle_since = Instant::now();
+                spawn_connection(&store, &active, stream)?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if active.load(Ordering::SeqCst) > 0 {
                     idle_since = Instant::now();
-                } else if idle_since.elapsed() >= IDLE_EXIT {
+                } else if idle_since.elapsed() >= idle_exit {
                     break;
                 }
             }
@@ -231,7 +232,36 @@ pub fn serve(dir: &Path) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
+    // No new client can reach us once the socket is gone; one that connected just before is
+    // still queued on the listener and is served before the server exits.
     let _ = fs::remove_file(&socket);
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => spawn_connection(&store, &active, stream)?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    while active.load(Ordering::SeqCst) > 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Serves one client on a thread of its own, counted in `active` while it lasts.
+fn spawn_connection(
+    store: &Arc<Store>,
+    active: &Arc<AtomicUsize>,
+    stream: UnixStream,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let store = Arc::clone(store);
+    let active = Arc::clone(active);
+    active.fetch_add(1, Ordering::SeqCst);
+    std::thread::spawn(move || {
+        let _ = serve_connection(&store, stream);
+        active.fetch_sub(1, Ordering::SeqCst);
+    });
     Ok(())
 }
 

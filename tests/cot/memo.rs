@@ -264,3 +264,66 @@ fn a_symlink_made_again_with_the_same_target_is_a_hit() {
     std::os::unix::fs::symlink("target", p.root().join("link")).unwrap();
     assert_cached(&p, script).ok();
 }
+
+/// Pids of the store servers serving `store`.
+fn servers_of(store: &std::path::Path) -> Vec<String> {
+    let wanted = store.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
+                let args: Vec<String> = cmdline
+                    .split(|&b| b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.first()
+                    .is_some_and(|a| a.ends_with("cot-store-server"))
+                    && args.get(1) == Some(&wanted)
+            })
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn a_store_server_with_steady_short_clients_stays_up() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let p = Project::new();
+    p.write("in", "x");
+    let store = p.root().join(".cot/store");
+    let run = |p: &Project| {
+        let mut cmd = p.command(&[], &["sh", "-c", "cat in > out"]);
+        // Idle for 2 s means exit; clients come every 0.7 s (longer than the server's 0.5 s
+        // wake-ups, shorter than its idle time), each gone within milliseconds.
+        cmd.env("COT_STORE_IDLE_EXIT_MS", "2000");
+        let output = cmd.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&p);
+    let first = servers_of(&store);
+    assert_eq!(first.len(), 1, "one server: {first:?}");
+    for _ in 0..7 {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        run(&p);
+    }
+    assert_eq!(
+        servers_of(&store),
+        first,
+        "the same server served every client"
+    );
+    // And once the clients stop, it goes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !servers_of(&store).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle server did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
