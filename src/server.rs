@@ -34,6 +34,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::store::model::{
+    BuildRecord,
     Digest, FileState, StorePath, ThunkId, ThunkInfo, ThunkKey, Trace, TraceId,
 };
 use crate::store::Store;
@@ -75,6 +76,11 @@ pub enum Request {
     },
     ReferencedDigests,
     FindThunk(String),
+    BuildRecord(ThunkId),
+    PutBuildRecord {
+        root: ThunkId,
+        record: Box<BuildRecord>,
+    },
 }
 
 /// The answer to a [`Request`]: its value, or the store's error message.
@@ -95,6 +101,7 @@ pub enum Response {
     },
     Digests(HashSet<Digest>),
     Found(ThunkId),
+    BuildRecord(Option<Box<BuildRecord>>),
     Error(String),
 }
 
@@ -177,6 +184,12 @@ fn handle(store: &Store, request: Request) -> Response {
         }),
         Request::ReferencedDigests => store.referenced_digests().map(Response::Digests),
         Request::FindThunk(prefix) => store.find_thunk(&prefix).map(Response::Found),
+        Request::BuildRecord(root) => store
+            .build_record(&root)
+            .map(|r| Response::BuildRecord(r.map(Box::new))),
+        Request::PutBuildRecord { root, record } => store
+            .put_build_record(&root, &record)
+            .map(|()| Response::Done),
     };
     answer.unwrap_or_else(|e| Response::Error(e.to_string()))
 }
@@ -398,6 +411,10 @@ client_methods! {
     referenced_digests() -> HashSet<Digest>
         = Request::ReferencedDigests => Response::Digests(v) => v;
     find_thunk(prefix: String) -> ThunkId = Request::FindThunk(prefix) => Response::Found(v) => v;
+    build_record(root: ThunkId) -> Option<Box<BuildRecord>>
+        = Request::BuildRecord(root) => Response::BuildRecord(v) => v;
+    put_build_record(root: ThunkId, record: BuildRecord) -> ()
+        = Request::PutBuildRecord { root, record: Box::new(record) } => Response::Done => ();
 }
 
 /// The server binary's name; it lives beside the `cot` executable.

@@ -114,6 +114,7 @@ pub fn thunk_key(thunk: &Thunk, paths: &Paths) -> ThunkKey {
             .collect(),
         system_root: thunk.system_root.as_os_str().as_bytes().to_vec(),
         options: options(thunk, paths),
+        parent: None,
     }
 }
 

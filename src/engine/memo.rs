@@ -226,6 +226,9 @@ pub fn run(
             exit_code: ran.outcome.exit_code(),
             duration_ns: u64::try_from(ran.duration.as_nanos()).unwrap_or(u64::MAX),
             ran_at_ns: now_ns(),
+            children: Vec::new(),
+            events: Vec::new(),
+            internal: Vec::new(),
         };
         client.record(key, trace, files)?;
     }

@@ -29,9 +29,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use model::{
+    BuildRecord,
     Digest, FileState, OutputState, StorePath, ThunkId, ThunkInfo, ThunkKey, Trace, TraceId,
 };
-use schema::{FILES, META, READERS, THUNKS, TRACES, WRITERS};
+use schema::{BUILDS, FILES, META, READERS, THUNKS, TRACES, WRITERS};
 
 /// How many traces the store keeps per thunk; recording one more drops the least recently
 /// used.
@@ -263,6 +264,7 @@ impl Store {
         .map_err(open_error)?;
         let mut store = Store::new(db, path, read_only);
 
+        let mut migrate = false;
         let missing_version = match store.read_version()? {
             Version::Found(found) if found == schema::SCHEMA_VERSION => false,
             Version::Found(found) if found > schema::SCHEMA_VERSION => {
@@ -271,7 +273,10 @@ impl Store {
                     found,
                 })
             }
-            // Migrations from earlier versions go here; there are none yet.
+            Version::Found(1) if !read_only => {
+                migrate = true;
+                false
+            }
             Version::Found(found) => {
                 return Err(Error::OlderSchema {
                     path: store.path,
@@ -318,10 +323,45 @@ impl Store {
                     source,
                 })?;
         }
+        if migrate {
+            store.migrate_from_1()?;
+        }
         if missing_version {
             store.write_version()?;
         }
         Ok(store)
+    }
+
+    /// Version 1 → 2: drops every thunk, trace and index row (their encoding changed; the store
+    /// is a cache), keeps the file states, and writes the new version, in one synced batch.
+    fn migrate_from_1(&self) -> Result<(), Error> {
+        let mut batch = WriteBatch::default();
+        for name in [THUNKS, TRACES, READERS, WRITERS] {
+            let cf = self.cf(name)?;
+            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+                let (key, _) = item.map_err(|source| self.read_error(name, &[], source))?;
+                batch.delete_cf(cf, key);
+            }
+        }
+        batch.put_cf(
+            self.cf(META)?,
+            schema::VERSION_KEY,
+            schema::SCHEMA_VERSION.to_be_bytes(),
+        );
+        self.write(batch, true)
+    }
+
+    /// The record of the last build whose root thunk is `root`.
+    pub fn build_record(&self, root: &ThunkId) -> Result<Option<BuildRecord>, Error> {
+        self.get_value(BUILDS, root, &ReadOptions::default())
+    }
+
+    /// Stores the record of a build (synced: the next build cleans stale outputs from it).
+    pub fn put_build_record(&self, root: &ThunkId, record: &BuildRecord) -> Result<(), Error> {
+        self.check_writable()?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(BUILDS)?, root, encode(record));
+        self.write(batch, true)
     }
 
     fn new(db: DB, path: PathBuf, read_only: bool) -> Store {

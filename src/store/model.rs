@@ -134,6 +134,36 @@ pub struct Trace {
     pub duration_ns: u64,
     /// When it ran, nanoseconds since the Unix epoch.
     pub ran_at_ns: i64,
+    /// The child thunks it requested (`cot run` inside it, in a build), in request order.
+    pub children: Vec<ChildCall>,
+    /// Its synchronization operations in the order they happened: when each child was
+    /// requested and when its result reached the thunk. A child requested after another's
+    /// result arrived depends on it; children whose requests overlapped may run in parallel
+    /// (the design notes' `Sequence [[a, b], [c]]`).
+    pub events: Vec<SyncEvent>,
+    /// Reads of paths that its children (or their descendants) wrote in the same run: not
+    /// inputs of the build, but if a child now leaves something else there, the thunk may
+    /// behave differently, so it runs again.
+    pub internal: Vec<Input>,
+}
+
+/// One child thunk requested by a thunk, and what the thunk got back from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildCall {
+    pub id: ThunkId,
+    pub exit_code: i32,
+    /// Digests of what the child said (the requester may have read it, e.g. `$(cot run ...)`).
+    pub stdout: Digest,
+    pub stderr: Digest,
+}
+
+/// A synchronization operation of a thunk, by index into [`Trace::children`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncEvent {
+    /// The child was requested.
+    Start(u32),
+    /// The child's result was delivered to the thunk.
+    End(u32),
 }
 
 /// Everything that makes two `cot run`s the same thunk.
@@ -149,6 +179,35 @@ pub struct ThunkKey {
     /// Sandbox options that change what the thunk can see or do: writable dirs, hidden globs,
     /// rootless mode. Encoded by the engine; compared as bytes.
     pub options: Vec<u8>,
+    /// The thunk that requested it in a build (`None` for `cot run` and for a build's root),
+    /// and how many requests with the same key that parent made before it: children are
+    /// named structurally, so inserting a step does not rename the steps after it.
+    pub parent: Option<(ThunkId, u32)>,
+}
+
+/// What the store keeps of the last build of a root thunk: which thunks it used, and a
+/// snapshot of every path it read or wrote as the build left them, so that a build in which
+/// no path changed is decided without loading any trace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    /// Every thunk of the build, in request order (parents before children), with the trace
+    /// it ended with and its parent.
+    pub thunks: Vec<BuildThunk>,
+    /// Every path the build's thunks read (outside what they wrote) or wrote, with its
+    /// `lstat` at the end of the build (`None`: absent).
+    pub snapshot: Vec<(StorePath, Option<StatTuple>)>,
+    /// The build's exit status.
+    pub exit_code: i32,
+    /// When it ended, nanoseconds since the epoch.
+    pub ended_ns: i64,
+}
+
+/// One thunk of a [`BuildRecord`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildThunk {
+    pub id: ThunkId,
+    pub trace: TraceId,
+    pub parent: Option<ThunkId>,
 }
 
 /// What the store keeps about a thunk besides its traces.

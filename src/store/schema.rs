@@ -1,4 +1,4 @@
-//! The trace store's on-disk format, version 1.
+//! The trace store's on-disk format, version 2.
 //!
 //! The store is a RocksDB database, in the project's `.cot/` unless the engine is told otherwise.
 //! Everything in it is described here; changing any of it needs a new [`SCHEMA_VERSION`].
@@ -14,6 +14,7 @@
 //! | `readers` | path-key ++ `0x00` ++ ThunkId (32)     | empty                          |
 //! | `writers` | path-key                               | ThunkId (32 raw bytes)         |
 //! | `files`   | real absolute path bytes, as is        | postcard([`FileState`])        |
+//! | `builds`  | ThunkId of a build's root (32 bytes)   | postcard([`BuildRecord`])      |
 //!
 //! - A ThunkId is the blake3 digest of postcard([`ThunkKey`]); a TraceId the blake3 digest of
 //!   postcard([`Trace`]) (see [`super::thunk_id`], [`super::trace_id`]). Both are raw bytes in
@@ -64,8 +65,10 @@
 //!   before anything else is read, written or created; RocksDB's own bookkeeping (a new
 //!   MANIFEST, OPTIONS file and empty log) is all that changes. Every later version must
 //!   therefore keep the `meta` column family, with RocksDB's default comparator and this key;
-//! - lower: refused. No lower version exists yet; when version 2 is introduced, the migration
-//!   table goes here, one function per version step, each a single batch.
+//! - lower: migrated, one step per version, each step one synced batch that also writes the
+//!   new version. 1 → 2 (traces gained the child requests of nested thunks, keys their
+//!   parent): the rows of `thunks`, `traces`, `readers` and `writers` are deleted (the trace
+//!   store is a cache: the thunks run again), `files` is kept, `builds` is created.
 //! - missing: a database with no data at all (created, then interrupted before the version was
 //!   written) is initialised; a database with data but no version is refused.
 //!
@@ -85,13 +88,13 @@
 use rocksdb::{BlockBasedOptions, Cache, Options};
 
 #[cfg(doc)]
-use super::model::{FileState, ThunkInfo, ThunkKey, Trace};
+use super::model::{BuildRecord, FileState, ThunkInfo, ThunkKey, Trace};
 use super::model::{StorePath, ThunkId, TraceId};
 #[cfg(doc)]
 use super::MAX_TRACES_PER_THUNK;
 
 /// The format version this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Key of the schema version in [`META`].
 pub const VERSION_KEY: &[u8] = b"schema_version";
@@ -103,9 +106,10 @@ pub const TRACES: &str = "traces";
 pub const READERS: &str = "readers";
 pub const WRITERS: &str = "writers";
 pub const FILES: &str = "files";
+pub const BUILDS: &str = "builds";
 
 /// The column families of this version, besides RocksDB's `default`.
-pub const COLUMN_FAMILIES: [&str; 6] = [META, THUNKS, TRACES, READERS, WRITERS, FILES];
+pub const COLUMN_FAMILIES: [&str; 7] = [META, THUNKS, TRACES, READERS, WRITERS, FILES, BUILDS];
 
 /// Size of the block cache shared by all column families.
 pub const BLOCK_CACHE_BYTES: usize = 32 << 20;

@@ -24,6 +24,7 @@ fn key(command: &str) -> ThunkKey {
         env: vec![(b"PATH".to_vec(), b"/usr/bin".to_vec())],
         system_root: b"/".to_vec(),
         options: Vec::new(),
+        parent: None,
     }
 }
 
@@ -69,6 +70,9 @@ fn trace(inputs: &[&str], outputs: &[&str], seed: u8) -> Trace {
         exit_code: 0,
         duration_ns: 5,
         ran_at_ns: 1_000 + i64::from(seed),
+        children: Vec::new(),
+        events: Vec::new(),
+        internal: Vec::new(),
     }
 }
 
@@ -366,29 +370,29 @@ fn a_future_schema_version_is_refused_with_a_clear_message() {
     store
         .record(&key("cc"), &trace(&["a.c"], &[], 1), &[])
         .unwrap();
-    // Version 2 stores 2 and may add column families.
+    // Version 3 stores 3 and may add column families.
     store
         .db
         .put_cf(
             store.cf(META).unwrap(),
             schema::VERSION_KEY,
-            2u32.to_be_bytes(),
+            3u32.to_be_bytes(),
         )
         .unwrap();
     store
         .db
-        .create_cf("added_in_v2", &rocksdb::Options::default())
+        .create_cf("added_in_v3", &rocksdb::Options::default())
         .unwrap();
     let dir = store.path().to_path_buf();
     drop(store);
 
     let expected = format!(
-        "trace store {0} has schema version 2, this cot understands 1: upgrade cot, or remove {0} \
+        "trace store {0} has schema version 3, this cot understands 2: upgrade cot, or remove {0} \
          to start afresh",
         dir.display()
     );
     let err = Store::open(&dir).unwrap_err();
-    assert!(matches!(err, Error::NewerSchema { found: 2, .. }), "{err}");
+    assert!(matches!(err, Error::NewerSchema { found: 3, .. }), "{err}");
     assert_eq!(err.to_string(), expected);
     let err = Store::open_read_only(&dir).unwrap_err();
     assert_eq!(err.to_string(), expected);
@@ -426,7 +430,53 @@ fn an_empty_store_without_a_version_gets_one() {
     let store = Store::open(&dir).unwrap();
     assert_eq!(
         rows(&store, META),
-        vec![(schema::VERSION_KEY.to_vec(), 1u32.to_be_bytes().to_vec())]
+        vec![(
+            schema::VERSION_KEY.to_vec(),
+            schema::SCHEMA_VERSION.to_be_bytes().to_vec()
+        )]
+    );
+}
+
+#[test]
+fn a_version_1_store_is_migrated_keeping_only_file_states() {
+    let state = |n: u8| FileState {
+        stat: stat(u64::from(n)),
+        digest: [n; 32],
+    };
+    let (_dir, mut store) = open();
+    store
+        .record(&key("cc"), &trace(&["a.c"], &["a.o"], 1), &[])
+        .unwrap();
+    store.put_file_states(&[(b"/p/a.c".to_vec(), state(2))]).unwrap();
+    // Version 1 had no `builds` column family.
+    store.db.drop_cf(schema::BUILDS).unwrap();
+    store
+        .db
+        .put_cf(
+            store.cf(META).unwrap(),
+            schema::VERSION_KEY,
+            1u32.to_be_bytes(),
+        )
+        .unwrap();
+    let dir = store.path().to_path_buf();
+    drop(store);
+
+    let store = Store::open(&dir).unwrap();
+    assert!(store.thunks().unwrap().is_empty());
+    for cf in [TRACES, READERS, WRITERS] {
+        assert!(rows(&store, cf).is_empty(), "{cf} kept rows");
+    }
+    assert_eq!(store.file_state(b"/p/a.c").unwrap(), Some(state(2)));
+    assert_eq!(store.build_record(&[0; 32]).unwrap(), None);
+    drop(store);
+    // Migrated once: it opens as the current version.
+    let store = Store::open(&dir).unwrap();
+    assert_eq!(
+        rows(&store, META),
+        vec![(
+            schema::VERSION_KEY.to_vec(),
+            schema::SCHEMA_VERSION.to_be_bytes().to_vec()
+        )]
     );
 }
 
