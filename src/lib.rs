@@ -8,6 +8,7 @@
 //! blake3 content store [`cas`]. [`trace`] writes the exact list of accesses as JSON lines.
 //! [`cli`] is the thin command-line layer.
 
+pub mod build;
 pub mod cas;
 pub mod cli;
 pub mod engine;

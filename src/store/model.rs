@@ -196,6 +196,8 @@ pub struct BuildRecord {
     /// Every path the build's thunks read (outside what they wrote) or wrote, with its
     /// `lstat` at the end of the build (`None`: absent).
     pub snapshot: Vec<(StorePath, Option<StatTuple>)>,
+    /// Outputs that were damaged (not as their thunk left them) and left alone at the end.
+    pub damaged: Vec<StorePath>,
     /// The build's exit status.
     pub exit_code: i32,
     /// When it ended, nanoseconds since the epoch.

@@ -1,0 +1,1385 @@
+//! The build engine: which thunks of a build run, which are reused, in what order.
+//!
+//! This is the design notes' iThreads model. A thunk is decided from its traces against the
+//! *keystate*: the values that thunks resolved earlier in this build wrote (from their traces,
+//! whether they ran or not), and the real file system for every other path. A thunk with a
+//! valid trace is not executed: its recorded writes enter the keystate and its recorded child
+//! requests are replayed in their recorded order, each child decided the same way. A thunk
+//! without one is executed; every child it requests is matched against that child's traces.
+//!
+//! A replayed thunk is executed after all (a *restart*) when one of its children now ends
+//! differently (exit status, output) or leaves something else at a path the thunk read.
+//!
+//! Nothing here touches a file or a process: the [`World`] does (the real one in
+//! `coordinator.rs`, a fake one in the tests), so the rebuild logic is tested without root.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use globset::GlobSet;
+use parking_lot::{Condvar, Mutex};
+
+use crate::store::model::{
+    BuildRecord, BuildThunk, ChildCall, Digest, FileKind, Input, Observed, OutputState, StatTuple,
+    StorePath, SyncEvent, ThunkId, ThunkKey, Trace, TraceId,
+};
+use crate::store::thunk_id;
+
+/// The parent id of a build's root thunk: "requested by the build command itself". It keeps
+/// the root's traces apart from a plain `cot run` of the same command, whose key has no parent.
+pub const ROOT_PARENT: ThunkId = [0; 32];
+
+/// What the engine needs of the outside world.
+pub trait World: Send + Sync + 'static {
+    /// The key and the traces (most recently used first) of a thunk; `None` when unknown.
+    fn thunk(&self, id: &ThunkId) -> anyhow::Result<Option<(ThunkKey, Vec<(TraceId, Trace)>)>>;
+    /// Whether a recorded input of `trace` holds in the real file system now: `None` when it
+    /// does, else what changed.
+    fn check(&self, input: &Input, trace: &Trace) -> Option<String>;
+    /// Whether the real file system has `state` at `path`.
+    fn holds(&self, path: &StorePath, state: &OutputState) -> bool;
+    /// Puts a recorded output on the real file system (from the content store).
+    fn restore(&self, path: &StorePath, state: &OutputState) -> anyhow::Result<()>;
+    /// Deletes the output of a stale thunk.
+    fn remove(&self, path: &StorePath) -> anyhow::Result<()>;
+    /// Runs a thunk for real and records its trace. Its child requests go through `requests`,
+    /// and the trace it records lists them (see [`CallLog`]).
+    fn execute(
+        &self,
+        id: &ThunkId,
+        key: &ThunkKey,
+        requests: &dyn Requests,
+    ) -> anyhow::Result<Executed>;
+    /// Records `trace` again with every input observed as it is now (`--touch`).
+    fn touch(&self, key: &ThunkKey, trace: &Trace) -> anyhow::Result<TraceId>;
+    /// The `lstat` of each path now, for the build record's snapshot.
+    fn snapshot(&self, paths: &[StorePath]) -> Vec<(StorePath, Option<StatTuple>)>;
+    /// The record of the last build of `root`.
+    fn record(&self, root: &ThunkId) -> anyhow::Result<Option<BuildRecord>>;
+    fn put_record(&self, root: &ThunkId, record: BuildRecord) -> anyhow::Result<()>;
+    /// Called for every thunk the engine resolves (progress; printing the output of a thunk
+    /// that ran for a replayed parent, see [`Resolved::delivered`]).
+    fn resolved(&self, thunk: &Resolved);
+    /// A thunk starts executing.
+    fn started(&self, key: &ThunkKey);
+}
+
+/// The running thunk's side of child requests.
+pub trait Requests: Sync {
+    /// Resolves a child thunk (its key without parent) and returns what it did; blocks.
+    fn request(&self, key: ThunkKey) -> ChildOutcome;
+}
+
+/// What a thunk that ran left, as recorded.
+#[derive(Clone, Debug)]
+pub struct Executed {
+    pub trace_id: TraceId,
+    pub trace: Trace,
+    /// The sandbox's message when the command did not exit normally, or cot's own failure.
+    pub message: Option<String>,
+    /// The command was interrupted (the build stops).
+    pub interrupted: bool,
+}
+
+/// What a requester gets back from a child thunk.
+#[derive(Clone, Debug, Default)]
+pub struct ChildOutcome {
+    pub id: ThunkId,
+    pub exit_code: i32,
+    pub stdout: Digest,
+    pub stderr: Digest,
+    /// Everything the child and its descendants wrote, as they left it.
+    pub writes: BTreeMap<StorePath, OutputState>,
+    /// A one-line explanation when the child did not run to its end (a sandbox failure,
+    /// a build that stops).
+    pub message: Option<String>,
+}
+
+/// How a thunk was decided in this build (the design notes' "Thunk state").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    /// No trace: it ran for the first time.
+    New,
+    /// Traces, none valid: it ran.
+    Dirty,
+    /// A valid trace, its outputs as it left them (or restored).
+    Clean,
+    /// A valid trace, but an output differs from it and was left alone (nothing needed it).
+    Damaged,
+    /// In the last build, not requested in this one: its outputs were deleted.
+    Stale,
+    /// Not run this time (`--skip`, `--dry-run`, a build stopping after a failure).
+    Skipped,
+    /// It ran and failed.
+    Failed,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::New => "new",
+            State::Dirty => "dirty",
+            State::Clean => "clean",
+            State::Damaged => "damaged",
+            State::Stale => "stale",
+            State::Skipped => "skipped",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// One thunk as this build resolved it.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub id: ThunkId,
+    pub parent: Option<ThunkId>,
+    pub key: ThunkKey,
+    pub state: State,
+    pub reason: String,
+    pub ran: bool,
+    pub exit_code: i32,
+    /// Since the build started.
+    pub started: Duration,
+    pub duration: Duration,
+    pub trace: Option<Arc<Trace>>,
+    pub message: Option<String>,
+    /// It ran and its output reached whoever requested it (a running thunk, or the terminal
+    /// for the root); else the world prints it.
+    pub delivered: bool,
+}
+
+/// What kind of build this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Run what must run.
+    Build,
+    /// Decide, print what would run and why, run nothing (`-n`, `-q`, `cot status`).
+    DryRun,
+    /// Accept current inputs as up to date: re-record instead of running (`-t`).
+    Touch,
+}
+
+/// How to build.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub jobs: usize,
+    pub keep_going: bool,
+    pub mode: Mode,
+    /// Thunks whose command matches run even with a valid trace (`-B`).
+    pub rebuild: Option<GlobSet>,
+    /// Thunks whose command matches are not run this time (`--skip`).
+    pub skip: Option<GlobSet>,
+    /// Outputs of stale thunks stay (`--keep-stale`).
+    pub keep_stale: bool,
+    /// Outputs restored when damaged even if no thunk reads them (`--want`).
+    pub want: Vec<StorePath>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            jobs: 1,
+            keep_going: false,
+            mode: Mode::Build,
+            rebuild: None,
+            skip: None,
+            keep_stale: false,
+            want: Vec::new(),
+        }
+    }
+}
+
+/// The result of a build.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The root thunk's exit status (0 when it succeeded); 130 when interrupted.
+    pub exit_code: i32,
+    pub interrupted: bool,
+    /// Every thunk resolved, in the order they were first requested (the last resolution of
+    /// a thunk requested twice), then the stale ones.
+    pub thunks: Vec<Resolved>,
+    /// Outputs not as their thunk left them, left alone.
+    pub damaged: Vec<StorePath>,
+    /// Outputs restored from the content store.
+    pub restored: Vec<StorePath>,
+    /// Outputs of stale thunks deleted.
+    pub removed: Vec<StorePath>,
+    /// Decided from the build record alone: nothing changed since the last build.
+    pub unchanged: bool,
+    /// Something would run (`--dry-run`), or ran.
+    pub would_run: bool,
+}
+
+/// A command line for messages and globs: the make target's recipe line under `cot make`,
+/// else the argv joined with spaces.
+pub fn command_of(key: &ThunkKey) -> String {
+    let words: Vec<String> = key
+        .argv
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if words.len() >= 2 && words[1] == "__sh" {
+        if let Some(pos) = words.iter().position(|w| w == "-c") {
+            return words[pos + 1..].join(" ");
+        }
+    }
+    words.join(" ")
+}
+
+/// The make target of a recipe line under `cot make` (`__sh --target T -c LINE`).
+pub fn target_of(key: &ThunkKey) -> Option<String> {
+    let words: Vec<&[u8]> = key.argv.iter().map(Vec::as_slice).collect();
+    if words.len() >= 4 && words[1] == b"__sh" && words[2] == b"--target" {
+        return Some(String::from_utf8_lossy(words[3]).into_owned());
+    }
+    None
+}
+
+/// Whether a recorded observation holds for a value in the keystate: `None` when the keystate
+/// cannot say (a directory listing), which falls back to the real file system.
+pub fn observed_holds(observed: &Observed, state: &OutputState) -> Option<bool> {
+    Some(match (observed, state) {
+        (Observed::Listing { .. }, _) => return None,
+        (Observed::Absent, OutputState::Deleted) => true,
+        (Observed::Absent, _) | (_, OutputState::Deleted) => false,
+        (Observed::Content { digest, .. }, OutputState::File { digest: d, .. }) => digest == d,
+        (Observed::Link { target }, OutputState::Symlink { target: t }) => target == t,
+        (
+            Observed::Meta {
+                kind, mode, size, ..
+            },
+            OutputState::File {
+                mode: m, size: s, ..
+            },
+        ) => *kind == FileKind::File && mode & 0o7777 == m & 0o7777 && size == s,
+        (Observed::Meta { kind, mode, .. }, OutputState::Dir { mode: m }) => {
+            *kind == FileKind::Dir && mode & 0o7777 == m & 0o7777
+        }
+        (Observed::Meta { kind, link, .. }, OutputState::Symlink { target }) => {
+            *kind == FileKind::Symlink && link.as_ref() == Some(target)
+        }
+        _ => false,
+    })
+}
+
+/// The child requests of a running thunk, for its trace: [`Trace::children`] and
+/// [`Trace::events`] in the order they happened, and what the children wrote (reads of
+/// those paths go to [`Trace::internal`], see [`split_internal`]).
+#[derive(Default)]
+pub struct CallLog {
+    inner: Mutex<CallLogInner>,
+}
+
+#[derive(Default)]
+struct CallLogInner {
+    children: Vec<ChildCall>,
+    events: Vec<SyncEvent>,
+    writes: BTreeMap<StorePath, OutputState>,
+}
+
+impl CallLog {
+    /// A child is requested; returns its index.
+    pub fn start(&self) -> u32 {
+        let mut inner = self.inner.lock();
+        let index = u32::try_from(inner.children.len()).unwrap_or(u32::MAX);
+        inner.children.push(ChildCall {
+            id: [0; 32],
+            exit_code: 0,
+            stdout: [0; 32],
+            stderr: [0; 32],
+        });
+        inner.events.push(SyncEvent::Start(index));
+        index
+    }
+
+    /// The child's result reaches the thunk.
+    pub fn end(&self, index: u32, outcome: &ChildOutcome) {
+        let mut inner = self.inner.lock();
+        if let Some(call) = inner.children.get_mut(index as usize) {
+            *call = ChildCall {
+                id: outcome.id,
+                exit_code: outcome.exit_code,
+                stdout: outcome.stdout,
+                stderr: outcome.stderr,
+            };
+        }
+        inner.events.push(SyncEvent::End(index));
+        for (path, state) in &outcome.writes {
+            inner.writes.insert(path.clone(), state.clone());
+        }
+    }
+
+    /// Whether any child was requested.
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock().children.is_empty()
+    }
+
+    /// The children, the events and the paths the children wrote. A child whose result
+    /// never reached the thunk (it exited first) gets its End here, so every Start has one.
+    pub fn finish(self) -> (Vec<ChildCall>, Vec<SyncEvent>, BTreeMap<StorePath, OutputState>) {
+        let mut inner = self.inner.into_inner();
+        let ended: HashSet<u32> = inner
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                SyncEvent::End(i) => Some(*i),
+                SyncEvent::Start(_) => None,
+            })
+            .collect();
+        let count = u32::try_from(inner.children.len()).unwrap_or(u32::MAX);
+        for i in 0..count {
+            if !ended.contains(&i) {
+                inner.events.push(SyncEvent::End(i));
+            }
+        }
+        (inner.children, inner.events, inner.writes)
+    }
+}
+
+/// Splits a thunk's inputs into its own inputs and its reads of paths that its children
+/// wrote ([`Trace::internal`]).
+pub fn split_internal(
+    inputs: Vec<Input>,
+    written: &BTreeMap<StorePath, OutputState>,
+) -> (Vec<Input>, Vec<Input>) {
+    inputs
+        .into_iter()
+        .partition(|input| !written.contains_key(&input.path))
+}
+
+/// A value computed on another thread.
+struct Future<T>(Arc<(Mutex<Option<T>>, Condvar)>);
+
+impl<T: Send + 'static> Future<T> {
+    fn spawn(f: impl FnOnce() -> T + Send + 'static) -> Future<T> {
+        let cell = Arc::new((Mutex::new(None), Condvar::new()));
+        let done = cell.clone();
+        std::thread::spawn(move || {
+            let value = f();
+            *done.0.lock() = Some(value);
+            done.1.notify_all();
+        });
+        Future(cell)
+    }
+
+    fn wait(self) -> T {
+        let mut value = self.0 .0.lock();
+        loop {
+            if let Some(v) = value.take() {
+                return v;
+            }
+            self.0 .1.wait(&mut value);
+        }
+    }
+}
+
+/// Job slots: at most `jobs` thunks execute at once. A thunk waiting for a child gives its
+/// slot back meanwhile, so that `-j1` cannot deadlock on nested thunks.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    fn acquire(&self) {
+        let mut free = self.free.lock();
+        while *free == 0 {
+            self.freed.wait(&mut free);
+        }
+        *free -= 1;
+    }
+
+    fn release(&self) {
+        *self.free.lock() += 1;
+        self.freed.notify_one();
+    }
+}
+
+/// The build's shared state.
+struct Shared {
+    /// Values written in this build: path → (state, writer).
+    keystate: HashMap<StorePath, (OutputState, ThunkId)>,
+    /// Paths whose value a simulated (`--dry-run`) thunk would change.
+    unknown: HashMap<StorePath, ThunkId>,
+    /// Thunks resolved, by id, with their position in `order`.
+    resolved: HashMap<ThunkId, Resolved>,
+    order: Vec<ThunkId>,
+    /// Traces recorded in this build (a failed one may be reused within the build).
+    fresh: HashSet<TraceId>,
+    restored: Vec<StorePath>,
+    would_run: bool,
+}
+
+struct Inner<W: World> {
+    world: W,
+    options: Options,
+    started: Instant,
+    shared: Mutex<Shared>,
+    slots: Slots,
+    stopping: AtomicBool,
+    interrupted: AtomicBool,
+}
+
+/// A build in progress.
+pub struct Build<W: World> {
+    inner: Arc<Inner<W>>,
+}
+
+enum Decision {
+    Valid(TraceId, Arc<Trace>),
+    Run(String),
+}
+
+impl<W: World> Build<W> {
+    pub fn new(world: W, options: Options) -> Build<W> {
+        let jobs = options.jobs.max(1);
+        Build {
+            inner: Arc::new(Inner {
+                world,
+                options,
+                started: Instant::now(),
+                shared: Mutex::new(Shared {
+                    keystate: HashMap::new(),
+                    unknown: HashMap::new(),
+                    resolved: HashMap::new(),
+                    order: Vec::new(),
+                    fresh: HashSet::new(),
+                    restored: Vec::new(),
+                    would_run: false,
+                }),
+                slots: Slots {
+                    free: Mutex::new(jobs),
+                    freed: Condvar::new(),
+                },
+                stopping: AtomicBool::new(false),
+                interrupted: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn world(&self) -> &W {
+        &self.inner.world
+    }
+
+    /// Builds from the root thunk `key` (its `parent` is set here).
+    pub fn run(&self, mut key: ThunkKey) -> anyhow::Result<Outcome> {
+        key.parent = Some((ROOT_PARENT, 0));
+        let inner = &self.inner;
+        let root = thunk_id(&key);
+        let record = inner.world.record(&root)?;
+        if let Some(record) = &record {
+            if let Some(outcome) = inner.unchanged(record) {
+                return Ok(outcome);
+            }
+        }
+        let outcome = inner.resolve(root, key, None, false);
+        inner.finish(root, outcome, record)
+    }
+}
+
+impl<W: World> Inner<W> {
+    fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The fast path: when the last build succeeded and no path it read or wrote changed
+    /// since (by `lstat`), nothing can run and no trace is loaded.
+    fn unchanged(&self, record: &BuildRecord) -> Option<Outcome> {
+        let options = &self.options;
+        if record.exit_code != 0
+            || options.rebuild.is_some()
+            || options.mode == Mode::Touch
+            || !options.want.is_empty()
+        {
+            return None;
+        }
+        let paths: Vec<StorePath> = record.snapshot.iter().map(|(p, _)| p.clone()).collect();
+        let now = self.world.snapshot(&paths);
+        if now != record.snapshot {
+            return None;
+        }
+        Some(Outcome {
+            exit_code: 0,
+            interrupted: false,
+            thunks: Vec::new(),
+            damaged: record.damaged.clone(),
+            restored: Vec::new(),
+            removed: Vec::new(),
+            unchanged: true,
+            would_run: false,
+        })
+    }
+
+    fn matches(globs: &Option<GlobSet>, key: &ThunkKey) -> bool {
+        globs.as_ref().is_some_and(|set| {
+            set.is_match(command_of(key)) || target_of(key).is_some_and(|t| set.is_match(t))
+        })
+    }
+
+    /// Decides a thunk from its traces (most recently used first).
+    fn decide(&self, traces: &[(TraceId, Trace)]) -> Decision {
+        let mut first_reason = None;
+        for (trace_id, trace) in traces {
+            let reason = if trace.exit_code != 0 && !self.shared.lock().fresh.contains(trace_id) {
+                Some(format!("the last run failed (exit status {})", trace.exit_code))
+            } else {
+                self.invalid_input(trace)
+            };
+            match reason {
+                None => return Decision::Valid(*trace_id, Arc::new(trace.clone())),
+                Some(reason) => {
+                    first_reason.get_or_insert(reason);
+                }
+            }
+        }
+        Decision::Run(first_reason.unwrap_or_else(|| "new".into()))
+    }
+
+    /// The first input of `trace` that no longer holds, described.
+    fn invalid_input(&self, trace: &Trace) -> Option<String> {
+        for input in &trace.inputs {
+            let known = {
+                let shared = self.shared.lock();
+                if let Some(writer) = shared.unknown.get(&input.path) {
+                    return Some(format!(
+                        "{} would be rebuilt (by {})",
+                        display_path(&input.path),
+                        crate::store::hex(&writer[..4])
+                    ));
+                }
+                shared
+                    .keystate
+                    .get(&input.path)
+                    .and_then(|(state, _)| observed_holds(&input.observed, state))
+            };
+            match known {
+                Some(true) => {}
+                Some(false) => {
+                    return Some(format!(
+                        "{} changed (rebuilt in this build)",
+                        display_path(&input.path)
+                    ))
+                }
+                None => {
+                    if let Some(change) = self.world.check(input, trace) {
+                        return Some(change);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Resolves one thunk: reuse, replay or run it. `materialize`: its outputs must be on
+    /// disk now (its requester is running and may read them).
+    fn resolve(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: Option<ThunkId>,
+        materialize: bool,
+    ) -> ChildOutcome {
+        let started = self.elapsed();
+        let traces = match self.world.thunk(&id) {
+            Ok(found) => found.map(|(_, traces)| traces).unwrap_or_default(),
+            Err(e) => return self.failed(id, key, parent, started, format!("{e:#}")),
+        };
+        let skip = Self::matches(&self.options.skip, &key);
+        let decision = if Self::matches(&self.options.rebuild, &key) && !skip {
+            Decision::Run("forced (--rebuild)".into())
+        } else {
+            self.decide(&traces)
+        };
+        match decision {
+            Decision::Valid(trace_id, trace) => {
+                self.replay(id, key, parent, trace_id, trace, materialize, started)
+            }
+            Decision::Run(reason) => {
+                let latest = traces.first().map(|(tid, t)| (*tid, Arc::new(t.clone())));
+                if skip {
+                    if let Some((trace_id, trace)) = latest {
+                        let reason = format!("skipped (--skip); would run: {reason}");
+                        return self.accept(id, key, parent, trace_id, trace, started, reason);
+                    }
+                    return self.not_run(id, key, parent, started, "skipped (--skip), never ran");
+                }
+                match self.options.mode {
+                    Mode::DryRun => self.simulate(id, key, parent, latest, reason, started),
+                    Mode::Touch if latest.is_some() => {
+                        let (_, trace) = latest.expect("checked");
+                        match self.world.touch(&key, &trace) {
+                            Ok(trace_id) => {
+                                self.shared.lock().fresh.insert(trace_id);
+                                let reason = format!("touched (--touch); would run: {reason}");
+                                self.accept(id, key, parent, trace_id, trace, started, reason)
+                            }
+                            Err(e) => self.failed(id, key, parent, started, format!("{e:#}")),
+                        }
+                    }
+                    _ => {
+                        let state = if traces.is_empty() {
+                            State::New
+                        } else {
+                            State::Dirty
+                        };
+                        let delivered = materialize || parent.is_none();
+                        self.execute(id, key, parent, latest, state, reason, started, delivered)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads a recorded child and resolves it.
+    fn resolve_id(self: &Arc<Self>, id: ThunkId, parent: ThunkId, materialize: bool) -> Option<ChildOutcome> {
+        let key = match self.world.thunk(&id) {
+            Ok(Some((key, _))) => key,
+            _ => return None,
+        };
+        Some(self.resolve(id, key, Some(parent), materialize))
+    }
+
+    /// A thunk with a valid trace: its writes enter the keystate, its children are replayed.
+    #[allow(clippy::too_many_arguments)]
+    fn replay(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: Option<ThunkId>,
+        trace_id: TraceId,
+        trace: Arc<Trace>,
+        materialize: bool,
+        started: Duration,
+    ) -> ChildOutcome {
+        self.apply(id, &trace);
+        let mut writes: BTreeMap<StorePath, OutputState> = own_writes(&trace);
+        if !trace.children.is_empty() {
+            let results = self.replay_children(id, &trace, materialize);
+            if self.stopping() {
+                return self.not_run(id, key, parent, started, "not finished: the build stops");
+            }
+            let mut restart = None;
+            for (call, result) in trace.children.iter().zip(&results) {
+                match result {
+                    None => {
+                        restart.get_or_insert_with(|| {
+                            format!(
+                                "child {} is no longer in the store",
+                                crate::store::hex(&call.id[..4])
+                            )
+                        });
+                    }
+                    Some(outcome) => {
+                        for (path, state) in &outcome.writes {
+                            writes.insert(path.clone(), state.clone());
+                        }
+                        if outcome.exit_code != call.exit_code {
+                            restart.get_or_insert_with(|| {
+                                format!(
+                                    "a child now exits {} (was {})",
+                                    outcome.exit_code, call.exit_code
+                                )
+                            });
+                        } else if outcome.stdout != call.stdout || outcome.stderr != call.stderr {
+                            restart.get_or_insert_with(|| "a child's output changed".into());
+                        }
+                    }
+                }
+            }
+            if restart.is_none() {
+                restart = self.invalid_internal(&trace);
+            }
+            if let Some(reason) = restart {
+                if self.options.mode == Mode::DryRun {
+                    return self.simulate(id, key, parent, Some((trace_id, trace)), reason, started);
+                }
+                return self.execute(
+                    id,
+                    key,
+                    parent,
+                    Some((trace_id, trace)),
+                    State::Dirty,
+                    format!("restarted: {reason}"),
+                    started,
+                    materialize || parent.is_none(),
+                );
+            }
+        }
+        if materialize {
+            self.materialize(&trace);
+        }
+        let reason = format!("valid trace: {} inputs unchanged", trace.inputs.len());
+        let outcome = ChildOutcome {
+            id,
+            exit_code: trace.exit_code,
+            stdout: trace.stdout,
+            stderr: trace.stderr,
+            writes,
+            message: None,
+        };
+        self.finish_thunk(Resolved {
+            id,
+            parent,
+            key,
+            state: if trace.exit_code == 0 {
+                State::Clean
+            } else {
+                State::Failed
+            },
+            reason,
+            ran: false,
+            exit_code: trace.exit_code,
+            started,
+            duration: self.elapsed().saturating_sub(started),
+            trace: Some(trace),
+            message: None,
+            delivered: false,
+        });
+        outcome
+    }
+
+    /// Replays the recorded child requests in their recorded order: a child starts when the
+    /// children whose results the thunk had received before requesting it are done; children
+    /// requested together run in parallel.
+    fn replay_children(
+        self: &Arc<Self>,
+        parent: ThunkId,
+        trace: &Trace,
+        materialize: bool,
+    ) -> Vec<Option<ChildOutcome>> {
+        let count = trace.children.len();
+        let mut pending: Vec<Option<Future<Option<ChildOutcome>>>> =
+            (0..count).map(|_| None).collect();
+        let mut results: Vec<Option<ChildOutcome>> = vec![None; count];
+        for (pos, event) in trace.events.iter().enumerate() {
+            match *event {
+                // After a failure, nothing more is started (without --keep-going).
+                SyncEvent::Start(_) if self.stopping() => break,
+                SyncEvent::Start(i) => {
+                    let i = i as usize;
+                    let Some(call) = trace.children.get(i) else {
+                        continue;
+                    };
+                    let child = call.id;
+                    // Requested and waited for before anything else: no thread needed.
+                    if trace.events.get(pos + 1) == Some(&SyncEvent::End(i as u32)) {
+                        results[i] = self.resolve_id(child, parent, materialize);
+                    } else {
+                        let me = self.clone();
+                        pending[i] = Some(Future::spawn(move || {
+                            me.resolve_id(child, parent, materialize)
+                        }));
+                    }
+                }
+                SyncEvent::End(i) => {
+                    if let Some(future) = pending.get_mut(i as usize).and_then(Option::take) {
+                        results[i as usize] = future.wait();
+                    }
+                }
+            }
+        }
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(future) = slot.take() {
+                results[i] = future.wait();
+            }
+        }
+        results
+    }
+
+    /// The first read of a path the thunk's children wrote that would now read differently.
+    /// A `stat` counts only by type: make looks at its targets' times and sizes but, asked to
+    /// consider every target, does the same whatever they are.
+    fn invalid_internal(&self, trace: &Trace) -> Option<String> {
+        let shared = self.shared.lock();
+        for input in &trace.internal {
+            let Some((state, _)) = shared.keystate.get(&input.path) else {
+                continue;
+            };
+            let holds = match &input.observed {
+                Observed::Meta { kind, .. } => Some(kind_of(state) == Some(*kind)),
+                observed => observed_holds(observed, state),
+            };
+            if holds == Some(false) {
+                return Some(format!(
+                    "{}, which it read, is now different",
+                    display_path(&input.path)
+                ));
+            }
+        }
+        None
+    }
+
+    /// Enters a trace's outputs into the keystate.
+    fn apply(&self, id: ThunkId, trace: &Trace) {
+        let mut shared = self.shared.lock();
+        for output in &trace.outputs {
+            shared.unknown.remove(&output.path);
+            shared
+                .keystate
+                .insert(output.path.clone(), (output.state.clone(), id));
+        }
+    }
+
+    /// Puts a trace's outputs on disk where they differ.
+    fn materialize(&self, trace: &Trace) {
+        for output in &trace.outputs {
+            if !self.world.holds(&output.path, &output.state) {
+                match self.world.restore(&output.path, &output.state) {
+                    Ok(()) => self.shared.lock().restored.push(output.path.clone()),
+                    Err(e) => eprintln!("cot: {e:#}"),
+                }
+            }
+        }
+    }
+
+    /// Before a thunk runs: the paths it read last time that this build wrote are put on disk
+    /// as the keystate says (a damaged output, or an intermediate version of a path written
+    /// more than once).
+    fn prepare_inputs(&self, trace: &Trace) {
+        let wanted: Vec<(StorePath, OutputState)> = {
+            let shared = self.shared.lock();
+            trace
+                .inputs
+                .iter()
+                .chain(&trace.internal)
+                .filter_map(|input| {
+                    shared
+                        .keystate
+                        .get(&input.path)
+                        .map(|(state, _)| (input.path.clone(), state.clone()))
+                })
+                .collect()
+        };
+        for (path, state) in wanted {
+            if !self.world.holds(&path, &state) {
+                match self.world.restore(&path, &state) {
+                    Ok(()) => self.shared.lock().restored.push(path),
+                    Err(e) => eprintln!("cot: {e:#}"),
+                }
+            }
+        }
+    }
+
+    /// Runs a thunk.
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: Option<ThunkId>,
+        latest: Option<(TraceId, Arc<Trace>)>,
+        state: State,
+        reason: String,
+        started: Duration,
+        delivered: bool,
+    ) -> ChildOutcome {
+        if self.stopping() {
+            return self.not_run(id, key, parent, started, "not run: the build stops");
+        }
+        if let Some((_, trace)) = &latest {
+            self.prepare_inputs(trace);
+        }
+        self.slots.acquire();
+        if self.stopping() {
+            self.slots.release();
+            return self.not_run(id, key, parent, started, "not run: the build stops");
+        }
+        self.shared.lock().would_run = true;
+        let run_started = self.elapsed();
+        self.world.started(&key);
+        let requests = Running {
+            build: self.clone(),
+            id,
+            occurrences: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(0),
+        };
+        let executed = self.world.execute(&id, &key, &requests);
+        self.slots.release();
+        let executed = match executed {
+            Ok(executed) => executed,
+            Err(e) => {
+                self.stopping.store(true, Ordering::Relaxed);
+                return self.failed(id, key, parent, started, format!("{e:#}"));
+            }
+        };
+        if executed.interrupted {
+            self.interrupted.store(true, Ordering::Relaxed);
+            self.stopping.store(true, Ordering::Relaxed);
+        }
+        let trace = Arc::new(executed.trace);
+        self.shared.lock().fresh.insert(executed.trace_id);
+        let failed = trace.exit_code != 0;
+        if failed && !self.options.keep_going {
+            self.stopping.store(true, Ordering::Relaxed);
+        }
+        self.apply(id, &trace);
+        let mut writes = own_writes(&trace);
+        // The children resolved while it ran wrote too.
+        {
+            let shared = self.shared.lock();
+            for call in &trace.children {
+                collect_writes(&shared, call.id, &mut writes);
+            }
+        }
+        let outcome = ChildOutcome {
+            id,
+            exit_code: trace.exit_code,
+            stdout: trace.stdout,
+            stderr: trace.stderr,
+            writes,
+            message: executed.message.clone(),
+        };
+        self.finish_thunk(Resolved {
+            id,
+            parent,
+            key,
+            state: if failed { State::Failed } else { state },
+            reason,
+            ran: true,
+            exit_code: trace.exit_code,
+            started: run_started,
+            duration: self.elapsed().saturating_sub(run_started),
+            trace: Some(trace),
+            message: executed.message,
+            delivered,
+        });
+        outcome
+    }
+
+    /// `--dry-run`: what would run is reported, its recorded writes marked unknown, and its
+    /// recorded children decided as if it requested them again.
+    fn simulate(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: Option<ThunkId>,
+        latest: Option<(TraceId, Arc<Trace>)>,
+        reason: String,
+        started: Duration,
+    ) -> ChildOutcome {
+        self.shared.lock().would_run = true;
+        let state = if latest.is_some() {
+            State::Dirty
+        } else {
+            State::New
+        };
+        let mut outcome = ChildOutcome {
+            id,
+            ..ChildOutcome::default()
+        };
+        if let Some((_, trace)) = &latest {
+            {
+                let mut shared = self.shared.lock();
+                for output in &trace.outputs {
+                    shared.unknown.insert(output.path.clone(), id);
+                }
+            }
+            outcome.exit_code = trace.exit_code;
+            outcome.stdout = trace.stdout;
+            outcome.stderr = trace.stderr;
+            outcome.writes = own_writes(trace);
+            self.replay_children(id, trace, false);
+        }
+        self.finish_thunk(Resolved {
+            id,
+            parent,
+            key,
+            state,
+            reason: format!("would run: {reason}"),
+            ran: false,
+            exit_code: outcome.exit_code,
+            started,
+            duration: Duration::ZERO,
+            trace: latest.map(|(_, t)| t),
+            message: None,
+            delivered: false,
+        });
+        outcome
+    }
+
+    /// A trace accepted without checking (`--skip`, `--touch`): like a replay, no restart.
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: Option<ThunkId>,
+        _trace_id: TraceId,
+        trace: Arc<Trace>,
+        started: Duration,
+        reason: String,
+    ) -> ChildOutcome {
+        self.apply(id, &trace);
+        let mut writes = own_writes(&trace);
+        for outcome in self.replay_children(id, &trace, false).into_iter().flatten() {
+            writes.extend(outcome.writes);
+        }
+        let outcome = ChildOutcome {
+            id,
+            exit_code: trace.exit_code,
+            stdout: trace.stdout,
+            stderr: trace.stderr,
+            writes,
+            message: None,
+        };
+        self.finish_thunk(Resolved {
+            id,
+            parent,
+            key,
+            state: State::Skipped,
+            reason,
+            ran: false,
+            exit_code: trace.exit_code,
+            started,
+            duration: Duration::ZERO,
+            trace: Some(trace),
+            message: None,
+            delivered: false,
+        });
+        outcome
+    }
+
+    fn not_run(
+        &self,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: Option<ThunkId>,
+        started: Duration,
+        reason: &str,
+    ) -> ChildOutcome {
+        self.finish_thunk(Resolved {
+            id,
+            parent,
+            key,
+            state: State::Skipped,
+            reason: reason.into(),
+            ran: false,
+            exit_code: 1,
+            started,
+            duration: Duration::ZERO,
+            trace: None,
+            message: Some(reason.into()),
+            delivered: false,
+        });
+        ChildOutcome {
+            id,
+            exit_code: 1,
+            message: Some(reason.into()),
+            ..ChildOutcome::default()
+        }
+    }
+
+    /// cot itself failed for this thunk: the build stops.
+    fn failed(
+        &self,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: Option<ThunkId>,
+        started: Duration,
+        message: String,
+    ) -> ChildOutcome {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.finish_thunk(Resolved {
+            id,
+            parent,
+            key,
+            state: State::Failed,
+            reason: format!("cot failed: {message}"),
+            ran: false,
+            exit_code: 125,
+            started,
+            duration: Duration::ZERO,
+            trace: None,
+            message: Some(message.clone()),
+            delivered: false,
+        });
+        ChildOutcome {
+            id,
+            exit_code: 125,
+            message: Some(message),
+            ..ChildOutcome::default()
+        }
+    }
+
+    fn finish_thunk(&self, resolved: Resolved) {
+        self.world.resolved(&resolved);
+        let mut shared = self.shared.lock();
+        if !shared.resolved.contains_key(&resolved.id) {
+            shared.order.push(resolved.id);
+        }
+        shared.resolved.insert(resolved.id, resolved);
+    }
+
+    /// After the root: damaged and wanted outputs, stale thunks, the build record.
+    fn finish(
+        self: &Arc<Self>,
+        root: ThunkId,
+        root_outcome: ChildOutcome,
+        last: Option<BuildRecord>,
+    ) -> anyhow::Result<Outcome> {
+        let interrupted = self.interrupted.load(Ordering::Relaxed);
+        let mut shared = std::mem::replace(
+            &mut *self.shared.lock(),
+            Shared {
+                keystate: HashMap::new(),
+                unknown: HashMap::new(),
+                resolved: HashMap::new(),
+                order: Vec::new(),
+                fresh: HashSet::new(),
+                restored: Vec::new(),
+                would_run: false,
+            },
+        );
+        let dry = self.options.mode == Mode::DryRun;
+        // Every path some thunk of this build read: an output nobody reads is a product of the
+        // build, restored when damaged; the others only when a thunk that runs needs them.
+        let mut read: HashSet<&StorePath> = HashSet::new();
+        for resolved in shared.resolved.values() {
+            if let Some(trace) = &resolved.trace {
+                read.extend(trace.inputs.iter().map(|i| &i.path));
+                read.extend(trace.internal.iter().map(|i| &i.path));
+            }
+        }
+        let mut damaged = Vec::new();
+        let mut restored = std::mem::take(&mut shared.restored);
+        let mut damaged_writers: HashSet<ThunkId> = HashSet::new();
+        let mut keystate: Vec<(&StorePath, &(OutputState, ThunkId))> =
+            shared.keystate.iter().collect();
+        keystate.sort_by(|a, b| a.0.cmp(b.0));
+        for (path, (state, writer)) in keystate {
+            if shared.unknown.contains_key(path) || self.world.holds(path, state) {
+                continue;
+            }
+            let wanted = !read.contains(path) || self.options.want.contains(path);
+            if wanted && !dry && !interrupted {
+                match self.world.restore(path, state) {
+                    Ok(()) => {
+                        restored.push(path.clone());
+                        continue;
+                    }
+                    Err(e) => eprintln!("cot: {e:#}"),
+                }
+            }
+            damaged.push(path.clone());
+            damaged_writers.insert(*writer);
+        }
+        for id in &damaged_writers {
+            if let Some(resolved) = shared.resolved.get_mut(id) {
+                if resolved.state == State::Clean {
+                    resolved.state = State::Damaged;
+                }
+            }
+        }
+
+        // Stale thunks: in the last build, not in this one.
+        let mut stale = Vec::new();
+        let mut removed = Vec::new();
+        if let Some(last) = &last {
+            for thunk in &last.thunks {
+                if shared.resolved.contains_key(&thunk.id) || interrupted || self.stopping() {
+                    continue;
+                }
+                let Ok(Some((key, traces))) = self.world.thunk(&thunk.id) else {
+                    continue;
+                };
+                let trace = traces
+                    .iter()
+                    .find(|(tid, _)| *tid == thunk.trace)
+                    .map(|(_, t)| t.clone());
+                if let Some(trace) = &trace {
+                    if !self.options.keep_stale && !dry {
+                        // Deepest first, so a directory goes after its entries.
+                        for output in trace.outputs.iter().rev() {
+                            if shared.keystate.contains_key(&output.path)
+                                || output.state == OutputState::Deleted
+                                || !self.world.holds(&output.path, &output.state)
+                            {
+                                continue;
+                            }
+                            match self.world.remove(&output.path) {
+                                Ok(()) => removed.push(output.path.clone()),
+                                Err(e) => eprintln!("cot: {e:#}"),
+                            }
+                        }
+                    }
+                }
+                stale.push(Resolved {
+                    id: thunk.id,
+                    parent: thunk.parent,
+                    key,
+                    state: State::Stale,
+                    reason: if self.options.keep_stale {
+                        "no longer requested; outputs kept (--keep-stale)".into()
+                    } else {
+                        "no longer requested; outputs deleted".into()
+                    },
+                    ran: false,
+                    exit_code: 0,
+                    started: Duration::ZERO,
+                    duration: Duration::ZERO,
+                    trace: trace.map(Arc::new),
+                    message: None,
+                    delivered: false,
+                });
+            }
+        }
+
+        let exit_code = if interrupted {
+            130
+        } else {
+            root_outcome.exit_code
+        };
+        let mut thunks: Vec<Resolved> = shared
+            .order
+            .iter()
+            .filter_map(|id| shared.resolved.remove(id))
+            .collect();
+        // The record: only of a real build that was not interrupted.
+        if !dry && !interrupted {
+            let mut paths: HashSet<StorePath> = HashSet::new();
+            let mut record_thunks = Vec::new();
+            for resolved in &thunks {
+                let Some(trace) = &resolved.trace else {
+                    continue;
+                };
+                paths.extend(trace.inputs.iter().map(|i| i.path.clone()));
+                paths.extend(trace.outputs.iter().map(|o| o.path.clone()));
+                record_thunks.push(BuildThunk {
+                    id: resolved.id,
+                    trace: crate::store::trace_id(trace),
+                    parent: resolved.parent,
+                });
+            }
+            // A stale thunk whose outputs were kept stays stale for the next build.
+            if self.options.keep_stale {
+                for resolved in &stale {
+                    if let Some(trace) = &resolved.trace {
+                        record_thunks.push(BuildThunk {
+                            id: resolved.id,
+                            trace: crate::store::trace_id(trace),
+                            parent: resolved.parent,
+                        });
+                    }
+                }
+            }
+            let mut paths: Vec<StorePath> = paths.into_iter().collect();
+            paths.sort();
+            let snapshot = self.world.snapshot(&paths);
+            self.world.put_record(
+                &root,
+                BuildRecord {
+                    thunks: record_thunks,
+                    snapshot,
+                    damaged: damaged.clone(),
+                    exit_code,
+                    ended_ns: now_ns(),
+                },
+            )?;
+        }
+        thunks.extend(stale);
+        Ok(Outcome {
+            exit_code,
+            interrupted,
+            thunks,
+            damaged,
+            restored,
+            removed,
+            unchanged: false,
+            would_run: shared.would_run,
+        })
+    }
+}
+
+/// A running thunk's requests: each child is named from its key, this thunk and how many
+/// requests with the same key came before.
+struct Running<W: World> {
+    build: Arc<Inner<W>>,
+    id: ThunkId,
+    occurrences: Mutex<HashMap<ThunkKey, u32>>,
+    /// Requests in flight; while there are any, the thunk's job slot is lent out.
+    waiting: Mutex<usize>,
+}
+
+impl<W: World> Requests for Running<W> {
+    fn request(&self, mut key: ThunkKey) -> ChildOutcome {
+        let occurrence = {
+            let mut occurrences = self.occurrences.lock();
+            let n = occurrences.entry(key.clone()).or_insert(0);
+            let occurrence = *n;
+            *n += 1;
+            occurrence
+        };
+        key.parent = Some((self.id, occurrence));
+        let id = thunk_id(&key);
+        {
+            let mut waiting = self.waiting.lock();
+            *waiting += 1;
+            if *waiting == 1 {
+                self.build.slots.release();
+            }
+        }
+        let outcome = self.build.resolve(id, key, Some(self.id), true);
+        {
+            let mut waiting = self.waiting.lock();
+            if *waiting == 1 {
+                // Take the slot back before the thunk continues.
+                self.build.slots.acquire();
+            }
+            *waiting -= 1;
+        }
+        outcome
+    }
+}
+
+fn own_writes(trace: &Trace) -> BTreeMap<StorePath, OutputState> {
+    trace
+        .outputs
+        .iter()
+        .map(|o| (o.path.clone(), o.state.clone()))
+        .collect()
+}
+
+/// The writes of a resolved thunk and its descendants, from their traces.
+fn collect_writes(shared: &Shared, id: ThunkId, into: &mut BTreeMap<StorePath, OutputState>) {
+    let Some(resolved) = shared.resolved.get(&id) else {
+        return;
+    };
+    let Some(trace) = &resolved.trace else {
+        return;
+    };
+    for output in &trace.outputs {
+        into.insert(output.path.clone(), output.state.clone());
+    }
+    for call in &trace.children {
+        collect_writes(shared, call.id, into);
+    }
+}
+
+fn kind_of(state: &OutputState) -> Option<FileKind> {
+    match state {
+        OutputState::File { .. } => Some(FileKind::File),
+        OutputState::Dir { .. } => Some(FileKind::Dir),
+        OutputState::Symlink { .. } => Some(FileKind::Symlink),
+        OutputState::Deleted => None,
+    }
+}
+
+/// A stored path for messages: project paths relative, others absolute.
+pub fn display_path(path: &StorePath) -> String {
+    match path {
+        StorePath::Project(p) if p.is_empty() => ".".into(),
+        StorePath::Project(p) | StorePath::Absolute(p) => String::from_utf8_lossy(p).into_owned(),
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,28 @@
+//! Builds: a build script (or GNU make) runs as the root thunk, and every `cot run` inside it
+//! is a child thunk that cot decides, replays or executes.
+//!
+//! - [`engine`]: the rebuild logic (which thunks run, which are reused), over a `World`.
+
+pub mod engine;
+pub mod make;
+pub mod report;
+
+#[cfg(test)]
+mod tests;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+/// Compiles `--rebuild`/`--skip` patterns, matched against a thunk's command line (and its
+/// make target): `*` matches anything, including `/` and spaces.
+pub fn globs(patterns: &[String]) -> anyhow::Result<GlobSet> {
+    let mut set = GlobSetBuilder::new();
+    for pattern in patterns {
+        let glob = GlobBuilder::new(pattern)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| anyhow::anyhow!("pattern {pattern:?} is invalid: {e}"))?;
+        set.add(glob);
+    }
+    set.build()
+        .map_err(|e| anyhow::anyhow!("patterns {patterns:?} are invalid: {e}"))
+}
