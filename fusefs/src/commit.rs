@@ -19,6 +19,11 @@
 //! as parents of what lies below. The list is written as a journal beside the layer before
 //! the first operation (see the `journal` module for the format and why replaying it is
 //! safe), so a commit cut short at any instant is finished by [`crate::recover`].
+//!
+//! A publish ([`crate::Handle::publish`]) is the same commit made while the filesystem keeps
+//! serving: the same plan and journal, but afterwards the layer directory is emptied instead
+//! of removed, and the layer state reset. Layer files the thunk has open stay in the layer:
+//! the journal moves a copy of each instead.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -59,9 +64,16 @@ pub(crate) fn commit(
         }
         return Ok((journal.summary, 0));
     }
-    // The moves rename the layer's files: their data and names must be durable before the
-    // journal says to move them. One syncfs costs far less than an fsync per file and
-    // directory of a large layer.
+    sync_layer(cfg)?;
+    journal::write(&cfg.layer_dir, &journal)?;
+    journal::run(&journal, &trees(cfg, &binds)?, stop)?;
+    Ok((journal.summary, count))
+}
+
+/// The moves rename the layer's files: their data and names must be durable before the
+/// journal says to move them. One syncfs costs far less than an fsync per file and directory
+/// of a large layer.
+fn sync_layer(cfg: &Config) -> Result<(), Error> {
     real::open_beneath(
         cfg.layer_fd.as_fd(),
         Path::new("."),
@@ -69,19 +81,212 @@ pub(crate) fn commit(
         Mode::empty(),
     )
     .and_then(|fd| Ok(rustix::fs::syncfs(fd)?))
-    .map_err(commit_err(&cfg.layer_dir))?;
-    journal::write(&cfg.layer_dir, &journal)?;
+    .map_err(commit_err(&cfg.layer_dir))
+}
+
+/// The directories the journal's operations resolve against, from the open descriptors.
+fn trees(cfg: &Config, binds: &[usize]) -> Result<Trees, Error> {
     let dup = |fd: BorrowedFd<'_>, path: &Path| fd.try_clone_to_owned().map_err(commit_err(path));
-    let trees = Trees {
+    Ok(Trees {
         layer_dir: cfg.layer_dir.clone(),
         layer: dup(cfg.layer_fd.as_fd(), &cfg.layer_dir)?,
         roots: binds
             .iter()
             .map(|&i| dup(cfg.binds[i].fd.as_fd(), &cfg.binds[i].real))
             .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Applies the layer's changes so far to the real trees while the filesystem keeps serving
+/// (see [`crate::Handle::publish`]); the caller holds the layer's write lock. Exactly a
+/// commit, journal included, except for what it leaves behind: the layer directory stays
+/// (so `cfg.layer_fd` stays valid), emptied but for the files in `open` (the identities of
+/// layer files the thunk has open), and `state` is reset to match.
+///
+/// A file in `open` is published as a copy, made beside it in the layer before the journal
+/// is written, whose move the journal holds instead of the file's own: the file stays in the
+/// layer, so its open descriptors, and a kernel passthrough backing file, keep writing to the
+/// layer, and a later commit or discard applies or drops those writes like any other.
+///
+/// Failing before the journal is in place changes nothing (the copies are removed). Failing
+/// after it seals the layer, as a failed commit does: the journal says what is left to do and
+/// only [`crate::recover`] may do it, once the filesystem is gone. So does `stop`, which
+/// applies only the first `n` operations, as if the process were killed there. Returns the
+/// summary and the number of operations.
+pub(crate) fn publish(
+    cfg: &Config,
+    state: &mut LayerState,
+    open: &HashSet<(u64, u64)>,
+    stop: Option<usize>,
+) -> Result<(CommitSummary, usize), Error> {
+    let (mut journal, binds) = Planner::new(cfg, state).plan()?;
+    let count = journal.ops.len();
+    if count == 0 && stop.is_some() {
+        return Ok((journal.summary, 0));
+    }
+    let mut staged = Vec::new();
+    let kept = match stage_open_files(cfg, &mut journal, open, &mut staged).and_then(|kept| {
+        if count > 0 {
+            sync_layer(cfg).map(|()| kept)
+        } else {
+            Ok(kept)
+        }
+    }) {
+        Ok(kept) => kept,
+        Err(e) => {
+            unstage(cfg, &staged);
+            return Err(e);
+        }
     };
-    journal::run(&journal, &trees, stop)?;
+    if count > 0 {
+        if let Err(e) = journal::write(&cfg.layer_dir, &journal) {
+            match std::fs::symlink_metadata(journal::journal_path(&cfg.layer_dir)) {
+                Err(absent) if absent.kind() == io::ErrorKind::NotFound => unstage(cfg, &staged),
+                _ => state.sealed = true,
+            }
+            return Err(e);
+        }
+        let applied = trees(cfg, &binds).and_then(|trees| {
+            journal::apply_ops(&journal, &trees, stop)?;
+            if stop.is_none() {
+                journal::settle(&journal, &trees)?;
+            }
+            Ok(())
+        });
+        if applied.is_err() || stop.is_some() {
+            state.sealed = true;
+            applied?;
+            return Ok((journal.summary, count));
+        }
+    }
+    // The journal is gone: to a recovery the layer is now garbage, so cleaning it up needs
+    // no care. What it fails to remove is directories only (every file was moved), which a
+    // later commit finds existing in the real trees already.
+    if let Err(e) = clean_layer(cfg, &kept) {
+        log::warn!(
+            "publish of {:?}: the layer keeps some published directories: {e}",
+            cfg.layer_dir
+        );
+    }
+    state.published(&kept);
     Ok((journal.summary, count))
+}
+
+/// For every move whose source is one of the `open` files, copies the source to a new name
+/// beside it and moves the copy instead (see [`publish`]). Records the copies' layer paths in
+/// `staged` as they are made; returns the view paths of the files kept in the layer.
+fn stage_open_files(
+    cfg: &Config,
+    journal: &mut Journal,
+    open: &HashSet<(u64, u64)>,
+    staged: &mut Vec<PathBuf>,
+) -> Result<Vec<PathBuf>, Error> {
+    let mut kept = Vec::new();
+    if open.is_empty() {
+        return Ok(kept);
+    }
+    for (index, op) in journal.ops.iter_mut().enumerate() {
+        let Op::Move { src, .. } = op else {
+            continue;
+        };
+        let path = cfg.layer_dir.join(&*src);
+        let (prel, name) = real::split(src).map_err(commit_err(&path))?;
+        let dir = real::open_dir(cfg.layer_fd.as_fd(), prel).map_err(commit_err(&path))?;
+        let st = real::stat_at(dir.as_fd(), name).map_err(commit_err(&path))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || !open.contains(&(st.st_dev, st.st_ino)) {
+            continue;
+        }
+        let file = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map(std::fs::File::from)
+        .map_err(|e| commit_err(&path)(e.into()))?;
+        let owner = cfg.root.then_some((st.st_uid, st.st_gid));
+        // The name is free in the layer: nothing changes the layer while the lock is held.
+        let mut attempt = 0;
+        let copy = loop {
+            let copy = OsString::from(format!(".cot-publish-{index}-{attempt}"));
+            match real::copy_file_at(&file, &st, dir.as_fd(), &copy, owner) {
+                Ok(_) => break copy,
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => attempt += 1,
+                Err(e) => return Err(commit_err(&cfg.layer_dir.join(prel).join(&copy))(e)),
+            }
+        };
+        let copy = if prel == Path::new(".") {
+            PathBuf::from(copy)
+        } else {
+            prel.join(copy)
+        };
+        staged.push(copy.clone());
+        kept.push(Path::new("/").join(&*src));
+        *src = copy;
+    }
+    Ok(kept)
+}
+
+/// Removes the copies [`stage_open_files`] made, best effort: a publish that changed nothing
+/// must leave no stray file for a later commit to apply.
+fn unstage(cfg: &Config, staged: &[PathBuf]) {
+    for copy in staged {
+        let removed = real::split(copy).and_then(|(prel, name)| {
+            let dir = real::open_dir(cfg.layer_fd.as_fd(), prel)?;
+            Ok(rustix::fs::unlinkat(
+                &dir,
+                name,
+                rustix::fs::AtFlags::empty(),
+            )?)
+        });
+        if let Err(e) = removed {
+            log::warn!("cannot remove {:?}: {e}", cfg.layer_dir.join(copy));
+        }
+    }
+}
+
+/// Removes everything in the layer directory but the files at the view paths `kept` and the
+/// directories holding them.
+fn clean_layer(cfg: &Config, kept: &[PathBuf]) -> io::Result<()> {
+    let keep: HashSet<&Path> = kept.iter().map(|p| upper_rel(p)).collect();
+    let dirs: HashSet<&Path> = keep
+        .iter()
+        .flat_map(|p| p.ancestors().skip(1))
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    let root = real::open_beneath(
+        cfg.layer_fd.as_fd(),
+        Path::new("."),
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        Mode::empty(),
+    )?;
+    clean_dir(root.as_fd(), Path::new(""), &keep, &dirs)
+}
+
+fn clean_dir(
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    keep: &HashSet<&Path>,
+    dirs: &HashSet<&Path>,
+) -> io::Result<()> {
+    for name in list_names(dir)? {
+        let child = rel.join(&name);
+        if keep.contains(child.as_path()) {
+            continue;
+        }
+        if dirs.contains(child.as_path()) {
+            let sub = rustix::fs::openat(
+                dir,
+                &name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            clean_dir(sub.as_fd(), &child, keep, dirs)?;
+        } else {
+            real::remove_tree_at(dir, &name)?;
+        }
+    }
+    Ok(())
 }
 
 struct Planner<'a> {

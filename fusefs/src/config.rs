@@ -64,7 +64,7 @@ fn check_absolute(path: &Path) -> Result<(), Error> {
 }
 
 /// `a/./b/` -> `a/b`; `..` is kept (it never matches a real view path).
-fn normalize(path: &Path) -> PathBuf {
+pub(crate) fn normalize(path: &Path) -> PathBuf {
     path.components()
         .filter(|c| !matches!(c, Component::CurDir))
         .collect()

@@ -112,6 +112,15 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The kernel refused to drop what it cached for a view path ([`crate::Handle::invalidate`]).
+    #[error("invalidating view path {path:?} in the kernel's cache: {source}")]
+    Invalidate {
+        /// The view path.
+        path: PathBuf,
+        /// Why it failed.
+        source: io::Error,
+    },
+
     /// `commit` or `discard` was already called for this layer.
     #[error("layer directory {path:?} was already committed or discarded")]
     Finished {

@@ -56,6 +56,14 @@
 //!   is garbage, as is a stray `L.journal.tmp`;
 //! - a journal: replaying it finishes the commit.
 //!
+//! A publish (a commit while the filesystem keeps serving) writes and applies the same
+//! journal; after deleting it, it empties `L` rather than removing it, and the thunk goes on
+//! writing into `L`. The same two cases hold: without a journal `L` holds only what was
+//! never published (a filesystem that is gone discards it), and a journal is a publish to
+//! finish, during which the thunk changed no name in `L` (the layer's lock was held). Its
+//! `move` sources may be copies named `.cot-publish-<i>-<n>` (of files the thunk had open,
+//! which stay in `L`), beside the files they copy.
+//!
 //! A commit with nothing to apply writes no journal.
 //!
 //! [`crate::recover`] does exactly this. A journal without a complete header line or `end`
@@ -458,6 +466,20 @@ impl Journal {
 /// without cleaning up, as if the process were killed there. After all of them: makes every
 /// changed directory durable, deletes the journal and removes the layer directory.
 pub(crate) fn run(journal: &Journal, trees: &Trees, stop: Option<usize>) -> Result<(), Error> {
+    apply_ops(journal, trees, stop)?;
+    if stop.is_some() {
+        return Ok(());
+    }
+    settle(journal, trees)?;
+    remove_layer(&trees.layer_dir)
+}
+
+/// Applies the journal's operations in order: all of them, or (`stop`) only the first `n`.
+pub(crate) fn apply_ops(
+    journal: &Journal,
+    trees: &Trees,
+    stop: Option<usize>,
+) -> Result<(), Error> {
     // Temporary copies get names fixed by the journal, so a replay removes a stale one.
     let id = fnv64(&journal.encode());
     let as_root = rustix::process::geteuid().is_root();
@@ -469,9 +491,12 @@ pub(crate) fn run(journal: &Journal, trees: &Trees, stop: Option<usize>) -> Resu
             source,
         })?;
     }
-    if stop.is_some() {
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// After every operation was applied: makes every directory they changed durable, then deletes
+/// the journal (durably). From then on the layer directory is garbage to a recovery.
+pub(crate) fn settle(journal: &Journal, trees: &Trees) -> Result<(), Error> {
     let mut changed = std::collections::BTreeSet::new();
     for op in &journal.ops {
         match op {
@@ -494,8 +519,7 @@ pub(crate) fn run(journal: &Journal, trees: &Trees, stop: Option<usize>) -> Resu
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => return Err(Error::Journal { path, source }),
     }
-    sync_parent(&path).map_err(|source| Error::Journal { path, source })?;
-    remove_layer(&trees.layer_dir)
+    sync_parent(&path).map_err(|source| Error::Journal { path, source })
 }
 
 fn place_of(op: &Op) -> &Place {

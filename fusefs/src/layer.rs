@@ -80,6 +80,21 @@ impl LayerState {
         state
     }
 
+    /// The state after a publish moved the layer into the real trees, leaving only the files
+    /// at the view paths `kept` (and their directories): the real trees now show everything
+    /// the whiteouts, opaque marks and directory attributes stood for.
+    pub(crate) fn published(&mut self, kept: &[PathBuf]) {
+        self.upper_dirs.clear();
+        self.upper_dirs.insert(PathBuf::from("/"));
+        for path in kept {
+            self.upper_dirs
+                .extend(path.ancestors().skip(1).map(Path::to_path_buf));
+        }
+        self.whiteouts.clear();
+        self.opaque.clear();
+        self.dirty_dirs.clear();
+    }
+
     /// Whether the lower entry at `path` is hidden by a whiteout or an opaque ancestor.
     pub(crate) fn lower_masked(&self, path: &Path) -> bool {
         if self.whiteouts.is_empty() && self.opaque.is_empty() {

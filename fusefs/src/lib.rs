@@ -9,7 +9,9 @@
 //!   on an already mounted `/dev/fuse` descriptor with [`serve`], which returns a [`Server`].
 //! - [`Handle`]: what the caller keeps: the access log ([`Handle::accesses`], a list of
 //!   [`Access`] of some [`AccessKind`]) and the layer's fate ([`Handle::commit`] or
-//!   [`Handle::discard`]).
+//!   [`Handle::discard`]). For nested thunks, [`Handle::publish`] applies the layer so far
+//!   while the mount keeps serving, and [`Handle::invalidate`] makes the mount show paths
+//!   another process changed in the real trees.
 //! - [`recover`]: after a crash, finishes the commit a layer was in (its journal says what
 //!   is left to do, see [`Recovery`]) or throws the layer away.
 //!
@@ -34,20 +36,19 @@ mod real;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::{RwLock, RwLockWriteGuard};
+use parking_lot::RwLockWriteGuard;
 
 pub use access::{Access, AccessKind};
 pub use config::hide_set;
 pub use error::Error;
 pub use ops::ProxyFs;
 
-use access::AccessLog;
 use config::Config;
 use layer::LayerState;
 use ops::Inner;
@@ -156,7 +157,8 @@ pub struct Stats {
     pub writes: u64,
 }
 
-/// The caller's side of a [`ProxyFs`]: the access log and the layer. Cheap to clone.
+/// The caller's side of a [`ProxyFs`]: the access log, the layer, and the kernel's cache of
+/// the mount (through the session [`serve`] runs). Cheap to clone.
 #[derive(Clone)]
 pub struct Handle {
     inner: Arc<Inner>,
@@ -166,13 +168,7 @@ impl ProxyFs {
     /// Checks `opts`, opens the real trees and the layer directory.
     pub fn new(opts: Options) -> Result<(ProxyFs, Handle), Error> {
         let cfg = Config::new(opts)?;
-        let inner = Arc::new(Inner {
-            cfg,
-            layer: RwLock::new(LayerState::new()),
-            log: AccessLog::default(),
-            passthrough_active: AtomicBool::new(false),
-            stats: ops::Counters::default(),
-        });
+        let inner = Arc::new(Inner::new(cfg));
         Ok((ProxyFs::from_inner(inner.clone()), Handle { inner }))
     }
 }
@@ -203,6 +199,87 @@ impl Handle {
     pub fn commit_interrupted_after(&self, n: usize) -> Result<usize, Error> {
         let state = self.seal()?;
         Ok(commit::commit(&self.inner.cfg, &state, Some(n))?.1)
+    }
+
+    /// Applies the layer's changes so far to the real trees while the filesystem keeps
+    /// serving, so that processes outside the mount (the next nested thunks) see them; a
+    /// synchronization point. Returns what it changed, counted as [`Handle::commit`] counts.
+    ///
+    /// When it returns, the real trees hold everything the thunk wrote until now and the layer
+    /// is empty again: the thunk keeps working on a view that shows the same thing, later
+    /// writes copy up into the layer as usual, and the final [`Handle::commit`] or
+    /// [`Handle::discard`] applies or drops only what was written after the last publish. The
+    /// layer's write lock is held throughout, so no request sees a half-published layer; the
+    /// access log is unaffected.
+    ///
+    /// Files the thunk has open that live in the layer stay there: each is published as a copy,
+    /// and its open descriptors keep reading and writing the layer's file, whose later content
+    /// goes the way of the layer. (Data written through such a descriptor while the publish
+    /// copies the file may or may not be in the published copy.)
+    ///
+    /// Crash-safe exactly like [`Handle::commit`]: the change is journaled first, and
+    /// [`recover`] finishes a publish that was interrupted. An error before the journal is
+    /// written leaves the layer and the real trees as they were. An error after it seals the
+    /// layer as a finished commit does: later changes through the mount fail with EROFS, and
+    /// [`recover`], once the filesystem is gone, finishes the publish and removes the layer.
+    pub fn publish(&self) -> Result<CommitSummary, Error> {
+        Ok(self.publish_until(None)?.0)
+    }
+
+    /// For crash tests: publishes like [`Handle::publish`] but stops after applying the first
+    /// `n` operations of the journal, leaving the journal and the layer as a killed process
+    /// would (the layer is sealed; [`recover`] must finish). Returns the number of operations
+    /// in the journal.
+    #[doc(hidden)]
+    pub fn publish_interrupted_after(&self, n: usize) -> Result<usize, Error> {
+        Ok(self.publish_until(Some(n))?.1)
+    }
+
+    fn publish_until(&self, stop: Option<usize>) -> Result<(CommitSummary, usize), Error> {
+        let (published, dirs) = {
+            let mut state = self.inner.layer.write();
+            if state.sealed {
+                return Err(Error::Finished {
+                    path: self.inner.cfg.layer_dir.clone(),
+                });
+            }
+            let open = self.inner.open_upper_files();
+            let dirs: Vec<PathBuf> = state.upper_dirs.iter().cloned().collect();
+            let published = commit::publish(&self.inner.cfg, &mut state, &open, stop)?;
+            (published, dirs)
+        };
+        if stop.is_none() {
+            // Without the lock: the kernel may need requests answered to drop attributes.
+            self.inner.refresh_published(&dirs);
+        }
+        Ok(published)
+    }
+
+    /// Makes the mount show the current state of the view paths `paths` (absolute) after
+    /// another process changed them in the real trees behind its back (e.g. a nested thunk's
+    /// commit). Call it from a thread of the serving process that is not serving a FUSE
+    /// request, after the change is complete and before the thunk should see it.
+    ///
+    /// For each path the filesystem knows: the kernel drops its attributes and page cache
+    /// (and a cached symlink target). When the path now holds a non-directory or nothing, the
+    /// kernel also drops its dentry, the nodes below it are detached, and if the thunk has it
+    /// open or it is gone, the path gets a fresh node (a new `st_ino`): the open descriptors
+    /// keep the old file, as after a rename over it on a real file system, and later opens
+    /// get the new one. A directory keeps its node and dentry (processes may be working in
+    /// it). The directory holding each path gets its attributes refetched. For a path the
+    /// filesystem does not know, the kernel drops what it may have cached: an absence of the
+    /// path or of its nearest ancestor the filesystem never found. Paths the filesystem never
+    /// saw need nothing else: the filesystem caches no attributes, symlink targets or listings
+    /// of its own (open handles keep their files, as on a real file system).
+    ///
+    /// A path the thunk changed itself keeps showing the layer's version: invalidating it is
+    /// harmless. Dentries of mount points, and of directories holding one, are never dropped
+    /// (that would detach the sandbox's mounts). Internal paths are skipped. Without a
+    /// running session only the filesystem's own state is updated. A request racing with this
+    /// for the same path (a lookup under way) may leave the old state cached; invalidate
+    /// while the thunk waits for the change, as at a synchronization point.
+    pub fn invalidate(&self, paths: &[PathBuf]) -> Result<(), Error> {
+        self.inner.invalidate(paths)
     }
 
     /// Marks the layer finished (only one of commit and discard may run, once) and keeps it
@@ -285,23 +362,34 @@ impl Server {
 /// is done, which reads the INIT request the kernel queued at mount time (so it blocks if the
 /// descriptor was never mounted).
 ///
+/// While the session runs, the [`Handle`] can send the kernel cache invalidations
+/// ([`Handle::invalidate`]).
+///
 /// The daemon holds one descriptor per file the thunk has open: raise the soft
 /// `RLIMIT_NOFILE` of the serving process if thunks keep many files open.
 pub fn serve(fs: ProxyFs, fd: OwnedFd, threads: usize) -> Result<Server, Error> {
     let mut config = fuser::Config::default();
     config.n_threads = Some(threads.max(1));
     config.acl = fuser::SessionACL::All;
+    let inner = fs.inner.clone();
     let session = fuser::Session::from_fd(fs, fd, fuser::SessionACL::All, config)
         .map_err(|source| Error::Handshake { source })?;
+    *inner.notifier.lock() = Some(session.notifier());
     let (tx, done) = mpsc::channel();
+    let ended = inner.clone();
     let thread = std::thread::Builder::new()
         .name("cot-fusefs".into())
         .spawn(move || {
             let result = session.run();
+            // The notifier holds the /dev/fuse descriptor: let it close with the session.
+            ended.notifier.lock().take();
             let _ = tx.send(());
             result
         })
-        .map_err(|source| Error::Spawn { source })?;
+        .map_err(|source| {
+            inner.notifier.lock().take();
+            Error::Spawn { source }
+        })?;
     Ok(Server {
         thread: Some(thread),
         done,

@@ -4,10 +4,11 @@
 //! through two view paths is two nodes, and a copy-up does not change the node. An attached
 //! node keeps its id for the life of the mount (also after the kernel forgets it), so the
 //! `st_ino` the thunk sees for a path is stable. Unlinking, removing or renaming over a path
-//! detaches its node; a detached node lives until the kernel forgets it and its id is never
-//! reused.
+//! detaches its node, and so does an invalidation (`Handle::invalidate`) finding the path
+//! gone, or replaced while the thunk has it open; a detached node lives until the kernel
+//! forgets it and its id is never reused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
@@ -125,6 +126,20 @@ impl Nodes {
             if remove {
                 self.by_id.remove(&id);
             }
+        }
+    }
+
+    /// Detaches every node strictly below one of `paths` (paths that no longer hold anything,
+    /// e.g. a directory another process deleted or replaced by a file).
+    pub(crate) fn detach_below(&mut self, paths: &HashSet<PathBuf>) {
+        let below: Vec<Arc<Path>> = self
+            .by_path
+            .keys()
+            .filter(|p| p.ancestors().skip(1).any(|a| paths.contains(a)))
+            .cloned()
+            .collect();
+        for path in below {
+            self.detach(&path);
         }
     }
 

@@ -4,7 +4,7 @@
 //! here, through `record` and `record_node`, after an operation succeeded (lookups also record
 //! their failures: absence is a dependency). Lock order: layer, then nodes, then io, then dirs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use fuser::{BackingId, Errno, FileAttr, FileType, FopenFlags, TimeOrNow};
-use parking_lot::{Mutex, RwLock};
+use fuser::{BackingId, Errno, FileAttr, FileType, FopenFlags, INodeNo, TimeOrNow};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
 use crate::access::{AccessKind, AccessLog};
-use crate::config::{upper_rel, Config};
+use crate::config::{normalize, upper_rel, Config};
 use crate::layer::{self, is_absent, LayerState, Loc};
 use crate::nodes::{Nodes, ROOT};
 use crate::real;
@@ -34,6 +34,187 @@ pub(crate) struct Inner {
     /// Whether file data currently goes through kernel passthrough.
     pub(crate) passthrough_active: AtomicBool,
     pub(crate) stats: Counters,
+    /// Here rather than in [`ProxyFs`] because [`crate::Handle::invalidate`] maps view paths
+    /// to node ids and [`crate::Handle::publish`] needs the open files.
+    nodes: RwLock<Nodes>,
+    io: Mutex<IoTable>,
+    /// Set by [`crate::serve`] while the session runs: how the handle tells the kernel to drop
+    /// what it cached. Cleared when the session ends, so the /dev/fuse descriptor it holds
+    /// closes with the session.
+    pub(crate) notifier: Mutex<Option<fuser::Notifier>>,
+}
+
+impl Inner {
+    pub(crate) fn new(cfg: Config) -> Inner {
+        Inner {
+            cfg,
+            layer: RwLock::new(LayerState::new()),
+            log: AccessLog::default(),
+            passthrough_active: AtomicBool::new(false),
+            stats: Counters::default(),
+            nodes: RwLock::new(Nodes::new()),
+            io: Mutex::new(IoTable::default()),
+            notifier: Mutex::new(None),
+        }
+    }
+
+    /// The identities (`st_dev`, `st_ino`) of the layer files behind open handles: the files a
+    /// publish must leave in the layer, because their descriptors (and the kernel's passthrough
+    /// backing files) keep pointing at them.
+    pub(crate) fn open_upper_files(&self) -> HashSet<(u64, u64)> {
+        let io = self.io.lock();
+        io.handles
+            .values()
+            .filter_map(|handle| {
+                let hf = handle.file.read();
+                if hf.lower {
+                    return None;
+                }
+                real::fstat(&*hf.file).ok().map(|st| (st.st_dev, st.st_ino))
+            })
+            .collect()
+    }
+
+    /// See [`crate::Handle::invalidate`]. Updates the node table under the locks, then sends
+    /// the notifications with no lock held: the kernel may need a FUSE request answered (a
+    /// page to write back, a lookup holding the parent's lock) before it can drop an entry.
+    pub(crate) fn invalidate(&self, paths: &[PathBuf]) -> Result<(), crate::Error> {
+        #[derive(PartialEq, Eq)]
+        enum Now {
+            /// The thunk's own version, which the change behind its back does not affect.
+            Layer,
+            Dir,
+            /// Anything else, including what could not be resolved.
+            Other,
+            Absent,
+        }
+        let mut inodes: BTreeMap<u64, PathBuf> = BTreeMap::new();
+        let mut entries: BTreeMap<(u64, OsString), PathBuf> = BTreeMap::new();
+        {
+            let state = self.layer.read();
+            let mut nodes = self.nodes.write();
+            let io = self.io.lock();
+            let mut not_dirs = HashSet::new();
+            for given in paths {
+                if !given.is_absolute() {
+                    return Err(crate::Error::Invalidate {
+                        path: given.clone(),
+                        source: io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "not an absolute view path",
+                        ),
+                    });
+                }
+                let path = normalize(given);
+                if self.cfg.is_internal(&path) {
+                    continue;
+                }
+                let now = match layer::resolve(&self.cfg, &state, &path) {
+                    Ok(found) if found.loc == Loc::Upper => Now::Layer,
+                    Ok(found) if found.is_dir() => Now::Dir,
+                    Ok(_) => Now::Other,
+                    Err(e) if is_absent(&e) => Now::Absent,
+                    Err(_) => Now::Other,
+                };
+                // The directory holding the path changed too (times, link count).
+                let parent = path.parent().and_then(|p| Some((p, nodes.id_of(p)?)));
+                if let Some((p, id)) = parent {
+                    inodes.entry(id).or_insert_with(|| p.to_path_buf());
+                }
+                let Some(ino) = nodes.id_of(&path) else {
+                    // The kernel can have at most an absence cached: of the path, or of its
+                    // nearest ancestor the filesystem never found.
+                    let mut child = path.as_path();
+                    while let (Some(up), Some(name)) = (child.parent(), child.file_name()) {
+                        if let Some(id) = nodes.id_of(up) {
+                            if !self.cfg.is_pinned(child) {
+                                entries.insert((id, name.to_os_string()), child.to_path_buf());
+                            }
+                            break;
+                        }
+                        child = up;
+                    }
+                    continue;
+                };
+                inodes.insert(ino, path.clone());
+                let open = io.nodes.contains_key(&ino);
+                // A directory keeps its node and its dentry: dropping the dentry would turn
+                // it into an unlinked directory for processes working in it (getcwd fails).
+                if now == Now::Layer || (now == Now::Dir && !open) {
+                    continue;
+                }
+                if now != Now::Dir {
+                    not_dirs.insert(path.clone());
+                }
+                // Open files keep the old file; later opens must not share the node with them
+                // (one kernel page cache and one passthrough backing file per node), so the
+                // path gets a fresh node, as a rename over it gives a fresh inode.
+                if now == Now::Absent || open {
+                    nodes.detach(&path);
+                }
+                // Never for a mount point or a directory holding one: dropping its dentry
+                // would detach the mounts of the sandbox.
+                if let (Some((_, id)), Some(name)) = (parent, path.file_name()) {
+                    if !self.cfg.is_pinned(&path) {
+                        entries.insert((id, name.to_os_string()), path.clone());
+                    }
+                }
+            }
+            if !not_dirs.is_empty() {
+                nodes.detach_below(&not_dirs);
+            }
+        }
+        self.notify(inodes, true, entries)
+    }
+
+    /// After a publish: the kernel refetches the attributes of the directories that were in
+    /// the layer and now show their real directories (times, link counts). File data, names
+    /// and node ids are unchanged.
+    pub(crate) fn refresh_published(&self, dirs: &[PathBuf]) {
+        let inodes = {
+            let nodes = self.nodes.read();
+            dirs.iter()
+                .filter_map(|p| Some((nodes.id_of(p)?, p.clone())))
+                .collect()
+        };
+        if let Err(e) = self.notify(inodes, false, BTreeMap::new()) {
+            log::warn!("after publishing {:?}: {e}", self.cfg.layer_dir);
+        }
+    }
+
+    /// Tells the kernel to drop the attributes (and with `data` the page cache) of `inodes`
+    /// and the dentries `entries`, when a session runs. Sends them all; returns the first
+    /// failure. An answer that the kernel has nothing cached, or no mount any more, is success.
+    fn notify(
+        &self,
+        inodes: BTreeMap<u64, PathBuf>,
+        data: bool,
+        entries: BTreeMap<(u64, OsString), PathBuf>,
+    ) -> Result<(), crate::Error> {
+        let Some(notifier) = self.notifier.lock().clone() else {
+            return Ok(());
+        };
+        let mut result = Ok(());
+        let mut check = |sent: io::Result<()>, path: PathBuf| {
+            let Err(source) = sent else { return };
+            // fuser already turns ENOENT (nothing cached) into success.
+            let benign = [libc::ENOENT, libc::ENOTDIR, libc::ENODEV, libc::ENOTCONN];
+            if source.raw_os_error().is_some_and(|e| benign.contains(&e)) {
+                return;
+            }
+            if result.is_ok() {
+                result = Err(crate::Error::Invalidate { path, source });
+            }
+        };
+        let offset = if data { 0 } else { -1 };
+        for (ino, path) in inodes {
+            check(notifier.inval_inode(INodeNo(ino), offset, 0), path);
+        }
+        for ((parent, name), path) in entries {
+            check(notifier.inval_entry(INodeNo(parent), &name), path);
+        }
+        result
+    }
 }
 
 /// Request counters, for tests and benchmarks.
@@ -98,8 +279,6 @@ pub(crate) struct DirEntryOut {
 /// The FUSE proxy filesystem. Hand it to [`crate::serve`]; keep the [`crate::Handle`].
 pub struct ProxyFs {
     pub(crate) inner: Arc<Inner>,
-    nodes: RwLock<Nodes>,
-    io: Mutex<IoTable>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntryOut>>>>,
     next_fh: AtomicU64,
 }
@@ -156,8 +335,6 @@ impl ProxyFs {
     pub(crate) fn from_inner(inner: Arc<Inner>) -> ProxyFs {
         ProxyFs {
             inner,
-            nodes: RwLock::new(Nodes::new()),
-            io: Mutex::new(IoTable::default()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -177,7 +354,7 @@ impl ProxyFs {
 
     /// Records `kind` for the node's current path, once per node and path.
     fn record_node(&self, ino: u64, kind: AccessKind) {
-        let nodes = self.nodes.read();
+        let nodes = self.inner.nodes.read();
         if let Some(node) = nodes.get(ino) {
             if node.first(kind) {
                 self.inner.log.record(kind, &node.path, None);
@@ -191,7 +368,7 @@ impl ProxyFs {
     }
 
     fn node_path(&self, ino: u64) -> Result<Arc<Path>, Errno> {
-        match self.nodes.read().get(ino) {
+        match self.inner.nodes.read().get(ino) {
             Some(node) if node.attached => Ok(node.path.clone()),
             _ => Err(Errno::ENOENT),
         }
@@ -280,7 +457,7 @@ impl ProxyFs {
     /// A fresh node for a newly created path (an old node there may still be cached by the
     /// kernel for another file).
     fn new_node(&self, path: &Path) -> u64 {
-        let mut nodes = self.nodes.write();
+        let mut nodes = self.inner.nodes.write();
         nodes.detach(path);
         nodes.lookup(path)
     }
@@ -288,8 +465,8 @@ impl ProxyFs {
     /// Moves cached handles of lower files under `prefix` to their upper copies. Called with
     /// the layer write lock held, after a copy-up.
     fn retarget(&self, prefix: &Path) -> Result<(), Errno> {
-        let nodes = self.nodes.read();
-        let io = self.io.lock();
+        let nodes = self.inner.nodes.read();
+        let io = self.inner.io.lock();
         for (ino, nio) in &io.nodes {
             if nio.backing.is_some() {
                 continue;
@@ -297,7 +474,8 @@ impl ProxyFs {
             let Some(node) = nodes.get(*ino) else {
                 continue;
             };
-            if !node.path.starts_with(prefix) {
+            // A detached node's path names another file now (or none).
+            if !node.attached || !node.path.starts_with(prefix) {
                 continue;
             }
             for fh in &nio.handles {
@@ -339,7 +517,7 @@ impl ProxyFs {
         }
         match layer::resolve(self.cfg(), &state, &path) {
             Ok(found) => {
-                let ino = self.nodes.write().lookup(&path);
+                let ino = self.inner.nodes.write().lookup(&path);
                 if self.recorded(&path) {
                     self.record_node(ino, AccessKind::Stat);
                 }
@@ -356,13 +534,13 @@ impl ProxyFs {
     }
 
     pub(crate) fn forget(&self, ino: u64, n: u64) {
-        self.nodes.write().forget(ino, n);
+        self.inner.nodes.write().forget(ino, n);
     }
 
     /// A file of an open handle on `ino`, for nodes no path leads to any more, and whether it
     /// is a lower (real) file, which must never be changed.
     fn any_open_file(&self, ino: u64) -> Option<(Arc<File>, bool)> {
-        let io = self.io.lock();
+        let io = self.inner.io.lock();
         let fh = io.nodes.get(&ino)?.handles.first()?;
         let handle = io.handles.get(fh)?;
         let hf = handle.file.read();
@@ -370,7 +548,13 @@ impl ProxyFs {
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<OpenHandle>, Errno> {
-        self.io.lock().handles.get(&fh).cloned().ok_or(Errno::EBADF)
+        self.inner
+            .io
+            .lock()
+            .handles
+            .get(&fh)
+            .cloned()
+            .ok_or(Errno::EBADF)
     }
 
     fn handle_file(&self, fh: u64) -> Result<Arc<File>, Errno> {
@@ -717,7 +901,7 @@ impl ProxyFs {
         if had_lower {
             state.whiteouts.insert(path.clone());
         }
-        self.nodes.write().detach(&path);
+        self.inner.nodes.write().detach(&path);
         drop(state);
         let kind = if dir {
             AccessKind::Rmdir
@@ -807,7 +991,7 @@ impl ProxyFs {
         if dst_lower {
             state.whiteouts.insert(to.clone());
         }
-        self.nodes.write().rename(&from, &to, src_dir);
+        self.inner.nodes.write().rename(&from, &to, src_dir);
         self.retarget(&to)?;
         drop(state);
         self.record(AccessKind::Rename, &from, Some(&to));
@@ -855,7 +1039,7 @@ impl ProxyFs {
         if write {
             self.check_writable(&path)?;
         }
-        let (file, lower) = if write {
+        let (file, lower, state) = if write {
             let mut state = self.inner.layer.write();
             Self::check_sealed(&state)?;
             let found = layer::resolve(self.cfg(), &state, &path).map_err(errno)?;
@@ -870,12 +1054,16 @@ impl ProxyFs {
             if trunc {
                 file.set_len(0).map_err(errno)?;
             }
-            (file, lower)
+            (file, lower, RwLockWriteGuard::downgrade(state))
         } else {
             let state = self.inner.layer.read();
-            self.open_existing(&state, &path, acc)?
+            let (file, lower) = self.open_existing(&state, &path, acc)?;
+            (file, lower, state)
         };
+        // The layer stays locked until the handle is registered: a copy-up must find it to
+        // move it, a publish to leave its file in the layer.
         let opened = self.finish_open(ino, &path, file, lower, acc, opener);
+        drop(state);
         if acc != OFlags::WRONLY && !trunc {
             self.record_node(ino, AccessKind::Read);
         }
@@ -901,6 +1089,7 @@ impl ProxyFs {
         let fd = rustix::fs::open(proc_path.as_str(), acc | OFlags::CLOEXEC, Mode::empty())
             .map_err(|e| errno(e.into()))?;
         let path = self
+            .inner
             .nodes
             .read()
             .get(ino)
@@ -909,7 +1098,8 @@ impl ProxyFs {
         Ok(self.finish_open(ino, &path, File::from(fd), lower, acc, opener))
     }
 
-    /// Registers an open file and chooses its data path (see `NodeIo`).
+    /// Registers an open file and chooses its data path (see `NodeIo`). Callers opening a
+    /// path keep the layer locked until this returns (see `open`).
     fn finish_open(
         &self,
         ino: u64,
@@ -924,7 +1114,7 @@ impl ProxyFs {
         // kernel would keep serving the lower file to the handles open before the copy-up.
         let pinnable = !lower || !self.cfg().is_writable(path);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let mut io = self.io.lock();
+        let mut io = self.inner.io.lock();
         let nio = io.nodes.entry(ino).or_default();
         let backing = match &nio.backing {
             Some(b) => Some(b.clone()),
@@ -1025,14 +1215,15 @@ impl ProxyFs {
         }
         let st = real::fstat(&fd).map_err(errno)?;
         let ino = self.new_node(&path);
-        drop(state);
+        // Registered before the layer is unlocked, so a publish leaves the file in the layer.
         let opened = self.finish_open(ino, &path, File::from(fd), false, acc_mode(flags), opener);
+        drop(state);
         self.record(AccessKind::Write, &path, None);
         Ok((real::attr(&st, ino), opened))
     }
 
     pub(crate) fn release(&self, fh: u64) {
-        let mut io = self.io.lock();
+        let mut io = self.inner.io.lock();
         if let Some(handle) = io.handles.remove(&fh) {
             let empty = match io.nodes.get_mut(&handle.node) {
                 Some(nio) => {
@@ -1155,7 +1346,7 @@ impl ProxyFs {
         let list = layer::merged_list(self.cfg(), &state, &path).map_err(errno)?;
         let mut entries = Vec::with_capacity(list.len() + 2);
         {
-            let mut nodes = self.nodes.write();
+            let mut nodes = self.inner.nodes.write();
             let parent = path.parent().and_then(|p| nodes.id_of(p)).unwrap_or(ROOT);
             entries.push(DirEntryOut {
                 ino,

@@ -54,8 +54,18 @@ fn main() {
         handle_is_shareable,
         binds_map_view_subtrees,
         parallel_writers_commit_consistently,
+        invalidate_shows_changes_behind_the_mount,
+        invalidate_shows_replaced_content_userspace,
+        invalidate_shows_replaced_content_passthrough,
+        invalidate_without_session_updates_nodes,
+        publish_then_discard_keeps_the_published,
+        publish_then_commit_applies_both,
+        publish_then_commit_applies_both_across_file_systems,
+        publish_keeps_open_files_in_the_layer_userspace,
+        publish_keeps_open_files_in_the_layer_passthrough,
         commit_interrupted_anywhere_is_recovered,
         commit_interrupted_anywhere_is_recovered_across_file_systems,
+        publish_interrupted_anywhere_is_recovered,
         recover_discards_a_layer_without_journal,
         recover_discards_a_torn_journal,
         recover_refuses_an_unknown_journal_version,
@@ -1035,6 +1045,361 @@ fn parallel_writers_commit_consistently() {
     }
 }
 
+// ----- nested thunks: invalidate and publish -----
+
+/// Replaces the real file at `path` as a commit does: a new file renamed over it.
+fn replace(path: &Path, data: &[u8]) {
+    let tmp = path.with_file_name(".replacing");
+    write(&tmp, data);
+    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename over {path:?}: {e}"));
+}
+
+fn invalidate(f: &Fixture, paths: &[&str]) {
+    let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+    f.handle.invalidate(&paths).expect("invalidate");
+}
+
+fn invalidate_shows_changes_behind_the_mount() {
+    let f = Fixture::new(
+        |real| {
+            tree(real);
+            write(&real.join("src/doomed/x"), b"x");
+        },
+        project,
+    );
+    // A name looked up as absent, then created behind the mount's back: the kernel keeps
+    // the absence for the entry timeout, until invalidated.
+    assert_eq!(errno_of(fs::metadata(f.v("/src/late.h"))), libc::ENOENT);
+    write(&f.r("/src/late.h"), b"late");
+    assert_eq!(
+        errno_of(fs::metadata(f.v("/src/late.h"))),
+        libc::ENOENT,
+        "the kernel caches the absence"
+    );
+    invalidate(&f, &["/src/late.h"]);
+    assert_eq!(read(&f.v("/src/late.h")), b"late");
+    // The directory holding it shows its new times.
+    assert_eq!(
+        fs::metadata(f.v("/src")).expect("src").mtime_nsec(),
+        fs::metadata(f.r("/src")).expect("real src").mtime_nsec()
+    );
+    // A new directory whose name was looked up as absent: naming the file in it is enough.
+    assert_eq!(errno_of(fs::metadata(f.v("/src/gen/out.h"))), libc::ENOENT);
+    write(&f.r("/src/gen/out.h"), b"out");
+    invalidate(&f, &["/src/gen/out.h"]);
+    assert_eq!(read(&f.v("/src/gen/out.h")), b"out");
+    assert_eq!(names(&f.v("/src/gen")), set(&["out.h"]));
+    // A file deleted, a symlink retargeted (the kernel caches symlink targets) and a
+    // directory removed with its files.
+    assert_eq!(read(&f.v("/src/b.c")), b"int b;\n");
+    assert_eq!(read(&f.v("/src/link")), b"int a;\n");
+    assert_eq!(read(&f.v("/src/doomed/x")), b"x");
+    fs::remove_file(f.r("/src/b.c")).expect("rm b.c");
+    fs::remove_file(f.r("/src/link")).expect("rm link");
+    symlink("sub/c.h", f.r("/src/link")).expect("symlink");
+    fs::remove_dir_all(f.r("/src/doomed")).expect("rm -r doomed");
+    invalidate(&f, &["/src/b.c", "/src/link", "/src/doomed"]);
+    assert_eq!(errno_of(fs::metadata(f.v("/src/b.c"))), libc::ENOENT);
+    assert_eq!(
+        fs::read_link(f.v("/src/link")).expect("readlink"),
+        Path::new("sub/c.h")
+    );
+    assert_eq!(read(&f.v("/src/link")), b"#define C\n");
+    assert_eq!(errno_of(fs::metadata(f.v("/src/doomed/x"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::metadata(f.v("/src/doomed"))), libc::ENOENT);
+    // The name can come back, as something else.
+    write(&f.r("/src/doomed"), b"a file now");
+    invalidate(&f, &["/src/doomed"]);
+    assert_eq!(read(&f.v("/src/doomed")), b"a file now");
+    // What the thunk wrote itself keeps showing the layer's version.
+    write(&f.v("/src/a.c"), b"mine");
+    replace(&f.r("/src/a.c"), b"theirs");
+    invalidate(&f, &["/src/a.c"]);
+    assert_eq!(read(&f.v("/src/a.c")), b"mine");
+    // Paths the filesystem never saw, the root, internal ones: nothing to do.
+    invalidate(&f, &["/nowhere/at/all", "/", "/src/./sub"]);
+    assert!(f.handle.invalidate(&[PathBuf::from("relative")]).is_err());
+    // Every access went through the filesystem and was recorded once.
+    f.expect(AccessKind::Stat, "/src/late.h");
+    f.expect(AccessKind::Absent, "/src/late.h");
+}
+
+fn invalidate_shows_replaced_content(passthrough: bool) {
+    let f = Fixture::new(
+        |real| {
+            write(&real.join("ro/f"), b"old content\n");
+            write(&real.join("w/g"), b"old content\n");
+        },
+        move |opts| {
+            opts.writable.push("/w".into());
+            opts.passthrough = passthrough;
+        },
+    );
+    // Replacements of the same size: the kernel keeps the pages it has (and with passthrough
+    // the open node keeps its backing file). A change of size the kernel may notice by itself
+    // (a read past the cached end of file refetches the size and drops the pages).
+    let same = b"NEW CONTENT\n";
+    let longer = b"new and longer content\n";
+    let again = b"NEW AND LONGER CONTENT\n";
+    // A read-only file (passed through when passthrough is on) and a writable one (never a
+    // backing file while it may be copied up).
+    for view in ["/ro/f", "/w/g"] {
+        assert_eq!(read(&f.v(view)), b"old content\n");
+        let mut held = File::open(f.v(view)).expect("open held");
+        replace(&f.r(view), same);
+        assert_eq!(read(&f.v(view)), b"old content\n", "{view}: cached");
+        invalidate(&f, &[view]);
+        assert_eq!(read(&f.v(view)), same, "{view}");
+        // The reader opened before keeps the old file, as after a rename over it on a real
+        // file system; opens after the invalidation get the new one while it is open.
+        let mut got = Vec::new();
+        held.read_to_end(&mut got).expect("read held");
+        assert_eq!(got, b"old content\n", "{view}: the held reader");
+        drop(held);
+        // Another size, no file open.
+        replace(&f.r(view), longer);
+        invalidate(&f, &[view]);
+        assert_eq!(
+            fs::metadata(f.v(view)).expect("stat").len(),
+            longer.len() as u64,
+            "{view}"
+        );
+        assert_eq!(read(&f.v(view)), longer, "{view}");
+        // The same size again, no file open: the node stays, its pages go.
+        replace(&f.r(view), again);
+        // Pages are cached unless the data is passed through (no file open: a fresh
+        // backing file).
+        if !(passthrough && view == "/ro/f") {
+            assert_eq!(read(&f.v(view)), longer, "{view}: cached");
+        }
+        invalidate(&f, &[view]);
+        assert_eq!(read(&f.v(view)), again, "{view}");
+    }
+    // The writable file, changed behind the mount's back, then written through it: the
+    // copy-up starts from the new version and the real file stays as the other process left
+    // it.
+    OpenOptions::new()
+        .append(true)
+        .open(f.v("/w/g"))
+        .expect("append")
+        .write_all(b"more\n")
+        .expect("write");
+    let mut expected = again.to_vec();
+    assert_eq!(read(&f.r("/w/g")), expected);
+    expected.extend_from_slice(b"more\n");
+    assert_eq!(read(&f.v("/w/g")), expected);
+}
+
+fn invalidate_shows_replaced_content_userspace() {
+    invalidate_shows_replaced_content(false);
+}
+
+fn invalidate_shows_replaced_content_passthrough() {
+    invalidate_shows_replaced_content(true);
+}
+
+fn invalidate_without_session_updates_nodes() {
+    let mut f = Fixture::new(tree, project);
+    fs::metadata(f.v("/src/a.c")).expect("stat");
+    f.unmount();
+    // No session: only the filesystem's own state changes, and nothing fails.
+    fs::remove_file(f.r("/src/a.c")).expect("rm");
+    invalidate(&f, &["/src/a.c", "/src/sub", "/src/new"]);
+}
+
+fn publish_then_discard_keeps_the_published() {
+    let mut f = Fixture::new(
+        |real| {
+            tree(real);
+            write(&real.join("src/old/x"), b"x");
+        },
+        project,
+    );
+    write(&f.v("/src/a.c"), b"published");
+    write(&f.v("/src/gen/out.o"), b"object");
+    fs::create_dir(f.v("/src/empty")).expect("mkdir");
+    fs::remove_file(f.v("/src/b.c")).expect("unlink");
+    fs::remove_dir_all(f.v("/src/old")).expect("rm -r");
+    fs::rename(f.v("/src/sub/c.h"), f.v("/src/c.h")).expect("rename");
+    let summary = f.handle.publish().expect("publish");
+    assert!(summary.files >= 3 && summary.dirs >= 2, "{summary:?}");
+    assert!(summary.deleted >= 3, "{summary:?}");
+    // The real tree has everything; the layer is empty again; the view is unchanged.
+    assert_eq!(read(&f.r("/src/a.c")), b"published");
+    assert_eq!(read(&f.r("/src/gen/out.o")), b"object");
+    assert!(f.r("/src/empty").is_dir());
+    assert!(!f.r("/src/b.c").exists() && !f.r("/src/old").exists());
+    assert!(!f.r("/src/sub/c.h").exists());
+    assert_eq!(read(&f.r("/src/c.h")), b"#define C\n");
+    assert_eq!(fs::read_dir(&f.layer).expect("layer").count(), 0);
+    assert!(!journal_of(&f.layer).exists());
+    assert_eq!(read(&f.v("/src/a.c")), b"published");
+    assert_eq!(
+        names(&f.v("/src")),
+        set(&["a.c", "c.h", "empty", "gen", "link", "sub"])
+    );
+    assert!(names(&f.v("/src/sub")).is_empty());
+    // Later changes go to the layer, also for the published files.
+    write(&f.v("/src/a.c"), b"later");
+    write(&f.v("/src/late.c"), b"late");
+    write(&f.v("/src/gen/more.o"), b"more");
+    fs::remove_file(f.v("/src/gen/out.o")).expect("unlink published");
+    fs::remove_dir(f.v("/src/empty")).expect("rmdir published");
+    assert_eq!(read(&f.v("/src/a.c")), b"later");
+    assert_eq!(names(&f.v("/src/gen")), set(&["more.o"]));
+    assert_eq!(read(&f.r("/src/a.c")), b"published");
+    f.handle.discard().expect("discard");
+    f.unmount();
+    assert_eq!(read(&f.r("/src/a.c")), b"published");
+    assert_eq!(read(&f.r("/src/gen/out.o")), b"object");
+    assert!(f.r("/src/empty").is_dir());
+    assert!(!f.r("/src/late.c").exists() && !f.r("/src/gen/more.o").exists());
+    assert!(!f.layer.exists());
+    // The access log is the thunk's whole story.
+    f.expect(AccessKind::Write, "/src/gen/out.o");
+    f.expect(AccessKind::Delete, "/src/gen/out.o");
+}
+
+fn publish_then_commit(layer_fs: Option<&Path>) {
+    let mut f = Fixture::new(tree, |opts| {
+        project(opts);
+        if let Some(dir) = layer_fs {
+            opts.layer_dir = dir.join("layer");
+            fs::create_dir(&opts.layer_dir).expect("layer dir");
+        }
+    });
+    write(&f.v("/src/a.c"), b"first");
+    write(&f.v("/src/gen/one.o"), b"one");
+    fs::remove_file(f.v("/src/b.c")).expect("unlink");
+    f.handle.publish().expect("publish");
+    assert_eq!(read(&f.r("/src/gen/one.o")), b"one");
+    assert!(!f.r("/src/b.c").exists());
+    // A second round, touching what the first published.
+    write(&f.v("/src/gen/two.o"), b"two");
+    write(&f.v("/src/b.c"), b"b again");
+    fs::rename(f.v("/src/gen"), f.v("/src/out")).expect("rename published dir");
+    let second = f.handle.publish().expect("second publish");
+    assert!(second.files >= 3, "{second:?}");
+    assert_eq!(read(&f.r("/src/out/one.o")), b"one");
+    assert!(!f.r("/src/gen").exists());
+    // A publish with nothing to do.
+    assert_eq!(
+        f.handle.publish().expect("empty publish"),
+        cot_fusefs::CommitSummary::default()
+    );
+    // The last round, committed.
+    write(&f.v("/src/a.c"), b"last");
+    fs::remove_file(f.v("/src/out/two.o")).expect("unlink");
+    fs::create_dir(f.v("/src/out/sub")).expect("mkdir");
+    write(&f.v("/src/out/sub/three.o"), b"three");
+    symlink("out/one.o", f.v("/src/latest")).expect("symlink");
+    assert_eq!(read(&f.r("/src/a.c")), b"first");
+    f.handle.commit().expect("commit");
+    assert!(f.handle.publish().is_err(), "no publish after commit");
+    f.unmount();
+    assert_eq!(read(&f.r("/src/a.c")), b"last");
+    assert_eq!(read(&f.r("/src/b.c")), b"b again");
+    assert_eq!(names(&f.r("/src/out")), set(&["one.o", "sub"]));
+    assert_eq!(read(&f.r("/src/out/sub/three.o")), b"three");
+    assert_eq!(
+        fs::read_link(f.r("/src/latest")).expect("link"),
+        Path::new("out/one.o")
+    );
+    assert!(!f.layer.exists());
+}
+
+fn publish_then_commit_applies_both() {
+    publish_then_commit(None);
+}
+
+fn publish_then_commit_applies_both_across_file_systems() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    rustix::mount::mount(
+        "cot-test",
+        dir.path(),
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .expect("mount tmpfs");
+    let _guard = MountGuard(dir.path().to_path_buf());
+    publish_then_commit(Some(dir.path()));
+}
+
+/// A file the thunk holds open across a publish: published as it was, and the writes through
+/// the open descriptor after it go to the layer, applied by commit and dropped by discard.
+fn publish_keeps_open_files_in_the_layer(passthrough: bool) {
+    for commit in [false, true] {
+        let mut f = Fixture::new(
+            |real| write(&real.join("w/lower"), b"lower\n"),
+            move |opts| {
+                opts.writable.push("/w".into());
+                opts.passthrough = passthrough;
+            },
+        );
+        let mut log = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(f.v("/w/log"))
+            .expect("create log");
+        log.write_all(b"one\n").expect("write");
+        let mut lower = OpenOptions::new()
+            .append(true)
+            .open(f.v("/w/lower"))
+            .expect("open lower");
+        lower.write_all(b"copied up\n").expect("write");
+        let reader = File::open(f.v("/w/log")).expect("reader");
+        f.handle.publish().expect("publish");
+        assert_eq!(read(&f.r("/w/log")), b"one\n");
+        assert_eq!(read(&f.r("/w/lower")), b"lower\ncopied up\n");
+        assert_eq!(
+            names(&f.layer.join("w")),
+            set(&["log", "lower"]),
+            "open files stay in the layer"
+        );
+        log.write_all(b"two\n").expect("write after publish");
+        lower.write_all(b"later\n").expect("write after publish");
+        // A new open while the old ones are open sees the same file.
+        OpenOptions::new()
+            .append(true)
+            .open(f.v("/w/log"))
+            .expect("reopen")
+            .write_all(b"three\n")
+            .expect("write");
+        drop(reader);
+        assert_eq!(read(&f.v("/w/log")), b"one\ntwo\nthree\n");
+        assert_eq!(read(&f.v("/w/lower")), b"lower\ncopied up\nlater\n");
+        assert_eq!(
+            read(&f.r("/w/log")),
+            b"one\n",
+            "later writes stay in the layer"
+        );
+        drop((log, lower));
+        if commit {
+            f.handle.commit().expect("commit");
+        } else {
+            f.handle.discard().expect("discard");
+        }
+        f.unmount();
+        let (log, lower): (&[u8], &[u8]) = if commit {
+            (b"one\ntwo\nthree\n", b"lower\ncopied up\nlater\n")
+        } else {
+            (b"one\n", b"lower\ncopied up\n")
+        };
+        assert_eq!(read(&f.r("/w/log")), log, "commit: {commit}");
+        assert_eq!(read(&f.r("/w/lower")), lower, "commit: {commit}");
+        assert_eq!(names(&f.r("/w")), set(&["log", "lower"]), "no stray copies");
+    }
+}
+
+fn publish_keeps_open_files_in_the_layer_userspace() {
+    publish_keeps_open_files_in_the_layer(false);
+}
+
+fn publish_keeps_open_files_in_the_layer_passthrough() {
+    publish_keeps_open_files_in_the_layer(true);
+}
+
 // ----- crash safety of commit -----
 
 /// The real tree the crash tests change.
@@ -1259,6 +1624,71 @@ fn commit_interrupted_anywhere_is_recovered_across_file_systems() {
     .expect("mount tmpfs");
     let _guard = MountGuard(dir.path().to_path_buf());
     check_commit_interrupted_anywhere(Some(dir.path()));
+}
+
+/// Like [`check_commit_interrupted_anywhere`] for a publish, with a file held open across it
+/// (published as a copy): the real tree must end up as a complete commit leaves it.
+fn publish_interrupted_anywhere_is_recovered() {
+    let writable = |opts: &mut Options| opts.writable.push("/w".into());
+    let mut f = Fixture::new(crash_tree, writable);
+    crash_changes(&f);
+    let summary = f.handle.commit().expect("commit");
+    f.unmount();
+    let expected = listing(&f.real);
+    // A complete publish changes the real tree exactly as the commit did.
+    let mut f = Fixture::new(crash_tree, writable);
+    crash_changes(&f);
+    let held = OpenOptions::new()
+        .append(true)
+        .open(f.v("/w/created"))
+        .expect("open");
+    assert_eq!(f.handle.publish().expect("publish"), summary);
+    assert_eq!(listing(&f.real), expected);
+    drop(held);
+    f.handle.discard().expect("discard");
+    f.unmount();
+    assert_eq!(listing(&f.real), expected);
+
+    let mut n = 0;
+    loop {
+        let mut f = Fixture::new(crash_tree, writable);
+        crash_changes(&f);
+        let held = OpenOptions::new()
+            .append(true)
+            .open(f.v("/w/created"))
+            .expect("open");
+        let total = f
+            .handle
+            .publish_interrupted_after(n)
+            .expect("interrupted publish");
+        assert!(total > 20, "the publish has {total} operations");
+        assert_eq!(
+            errno_of(fs::write(f.v("/w/late"), b"")),
+            libc::EROFS,
+            "an interrupted publish seals the layer"
+        );
+        drop(held);
+        f.unmount();
+        assert!(
+            journal_of(&f.layer).exists(),
+            "journal kept after {n} of {total}"
+        );
+        assert_eq!(
+            cot_fusefs::recover(&f.layer).expect("recover"),
+            Recovery::Completed(summary),
+            "after {n} of {total}"
+        );
+        assert_eq!(
+            listing(&f.real),
+            expected,
+            "real tree after recovering from a publish stopped after {n} of {total} operations"
+        );
+        assert!(!f.layer.exists() && !journal_of(&f.layer).exists());
+        if n >= total {
+            break;
+        }
+        n += 1;
+    }
 }
 
 fn recover_discards_a_layer_without_journal() {
