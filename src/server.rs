@@ -34,8 +34,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::store::model::{
-    BuildRecord,
-    Digest, FileState, StorePath, ThunkId, ThunkInfo, ThunkKey, Trace, TraceId,
+    BuildRecord, Digest, FileState, StorePath, ThunkId, ThunkInfo, ThunkKey, Trace, TraceId,
 };
 use crate::store::Store;
 
@@ -126,7 +125,7 @@ pub enum Error {
     },
 }
 
-fn write_message(stream: &mut impl Write, message: &impl Serialize) -> io::Result<()> {
+pub(crate) fn write_message(stream: &mut impl Write, message: &impl Serialize) -> io::Result<()> {
     let bytes = postcard::to_stdvec(message).map_err(io::Error::other)?;
     let len = u32::try_from(bytes.len())
         .ok()
@@ -137,7 +136,7 @@ fn write_message(stream: &mut impl Write, message: &impl Serialize) -> io::Resul
     stream.flush()
 }
 
-fn read_message<T: for<'de> Deserialize<'de>>(stream: &mut impl Read) -> io::Result<T> {
+pub(crate) fn read_message<T: for<'de> Deserialize<'de>>(stream: &mut impl Read) -> io::Result<T> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len);

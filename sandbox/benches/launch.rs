@@ -111,6 +111,7 @@ fn main() {
             tmp_keep: Vec::new(),
             stdout: None,
             stderr: None,
+            socket: None,
         };
         let mut samples = Vec::with_capacity(runs);
         for _ in 0..runs {

@@ -43,6 +43,8 @@ pub(crate) struct InitPlan {
     pub(crate) tmp_keep: Vec<PathBuf>,
     pub(crate) stdout: Option<RawFd>,
     pub(crate) stderr: Option<RawFd>,
+    /// The caller's build socket, a host path, bound at [`crate::plan::BUILD_SOCKET`].
+    pub(crate) socket: Option<PathBuf>,
     pub(crate) program: Program,
 }
 
@@ -146,6 +148,11 @@ pub(crate) fn run(plan: &InitPlan, socket: OwnedFd) -> ! {
     if let Err(failure) = prepare_descriptors() {
         report_failure(&socket, failure);
     }
+    // Before the staging tmpfs covers the host's /tmp, where the socket may live.
+    let build_socket = match open_build_socket(plan) {
+        Ok(build_socket) => build_socket,
+        Err(failure) => report_failure(&socket, failure),
+    };
     let fuse = match mount_root(plan) {
         Ok(fuse) => fuse,
         Err(failure) => report_failure(&socket, failure),
@@ -161,9 +168,11 @@ pub(crate) fn run(plan: &InitPlan, socket: OwnedFd) -> ! {
         Ok(false) => _exit(1),
         Err(failure) => report_failure(&socket, failure),
     }
-    if let Err(failure) = complete_root(plan) {
+    if let Err(failure) = complete_root(plan, build_socket.as_ref()) {
         report_failure(&socket, failure);
     }
+    // Bound by now; the command must not inherit the descriptor.
+    drop(build_socket);
     supervise(plan, &socket)
 }
 
@@ -221,6 +230,28 @@ fn close_from(first: RawFd, only_mark_cloexec: bool) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Opens the caller's build socket, if any, as an `O_PATH` descriptor: in this mount namespace
+/// (a bind mount's source must belong to it), before anything is mounted over the host's
+/// paths. Anything but a socket is refused, so that no other host file can be bound in.
+fn open_build_socket(plan: &InitPlan) -> Result<Option<OwnedFd>, Failure> {
+    let Some(path) = &plan.socket else {
+        return Ok(None);
+    };
+    let shown = path.to_string_lossy();
+    let stage = "open the build socket";
+    let fd: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .at(stage, Some(&shown))?
+        .into();
+    let stat = fstat(fd.as_raw_fd()).at(stage, Some(&shown))?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(Errno::ENOTSOCK).at(stage, Some(&shown));
+    }
+    Ok(Some(fd))
 }
 
 /// Maps the ids (rootless mode), makes this mount namespace private, and mounts the FUSE root
@@ -296,7 +327,7 @@ fn wait_for_go(socket: &OwnedFd) -> Result<bool, Failure> {
 
 /// Runs [`ROOT_PLAN`] in the staged root, pivots into it and enters the working directory, then
 /// configures the new network and UTS namespaces.
-fn complete_root(plan: &InitPlan) -> Result<(), Failure> {
+fn complete_root(plan: &InitPlan, build_socket: Option<&OwnedFd>) -> Result<(), Failure> {
     // The root filesystem is cot's own and nothing of the sandbox has run yet, so checking the
     // mount points once is enough: none can be swapped for a symlink afterwards.
     for point in MOUNT_POINTS {
@@ -328,7 +359,7 @@ fn complete_root(plan: &InitPlan) -> Result<(), Failure> {
         .at("keep a directory of /tmp", Some(&shown))?;
     }
     for step in ROOT_PLAN {
-        run_step(step).at(&step.stage(), Some(&step.inside_path()))?;
+        run_step(step, build_socket).at(&step.stage(), Some(&step.inside_path()))?;
     }
     for (keep, aside) in plan.tmp_keep.iter().zip(&aside) {
         let shown = keep.to_string_lossy();
@@ -360,7 +391,8 @@ fn complete_root(plan: &InitPlan) -> Result<(), Failure> {
     Ok(())
 }
 
-fn run_step(step: &Step) -> nix::Result<()> {
+/// `build_socket`: the `O_PATH` descriptor of the caller's build socket, if any.
+fn run_step(step: &Step, build_socket: Option<&OwnedFd>) -> nix::Result<()> {
     let none = None::<&str>;
     let staged = |target: &str| format!("{NEW_ROOT}/{target}");
     let io_errno = |e: io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
@@ -417,6 +449,27 @@ fn run_step(step: &Step) -> nix::Result<()> {
                 .open(&target)
                 .map_err(io_errno)?;
             mount(Some(device), target.as_str(), none, MsFlags::MS_BIND, none)
+        }
+        Step::Socket { target } => {
+            let Some(socket) = build_socket else {
+                return Ok(());
+            };
+            let target = staged(target);
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o666)
+                .open(&target)
+                .map_err(io_errno)?;
+            // The host's /proc still: its magic link leads to the socket opened earlier.
+            let source = format!("/proc/self/fd/{}", socket.as_raw_fd());
+            mount(
+                Some(source.as_str()),
+                target.as_str(),
+                none,
+                MsFlags::MS_BIND,
+                none,
+            )
         }
         Step::Dir { target, mode } => fs::DirBuilder::new()
             .mode(mode)

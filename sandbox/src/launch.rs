@@ -78,6 +78,7 @@ pub fn launch(
         tmp_keep: spec.tmp_keep.clone(),
         stdout: spec.stdout,
         stderr: spec.stderr,
+        socket: spec.socket.clone(),
         program: Program::new(spec)?,
     };
     ensure_single_threaded()?;

@@ -26,5 +26,6 @@ mod sys;
 
 pub use error::Error;
 pub use launch::{launch, Sandbox};
+pub use plan::BUILD_SOCKET;
 pub use preflight::preflight;
 pub use spec::{Outcome, Spec};

@@ -10,6 +10,10 @@ use nix::mount::MsFlags;
 /// root filesystem below them is visible inside.
 pub const MOUNT_POINTS: [&str; 4] = ["/proc", "/dev", "/sys", "/tmp"];
 
+/// Where the command reaches the caller's build socket ([`crate::Spec::socket`]), when there is
+/// one.
+pub const BUILD_SOCKET: &str = "/dev/cot";
+
 /// One step of completing the root. Every `target` is relative to the new root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -28,6 +32,10 @@ pub(crate) enum Step {
         device: &'static str,
         target: &'static str,
     },
+    /// When the spec names a build socket: create an empty file at `target` and bind the
+    /// caller's socket onto it (opened by the init before anything covered the host's paths).
+    /// Without one, nothing is created.
+    Socket { target: &'static str },
     /// Create a directory (in a tmpfs mounted by an earlier step).
     Dir { target: &'static str, mode: u32 },
     /// Create a symbolic link at `target` pointing to `to`.
@@ -151,6 +159,8 @@ pub(crate) const ROOT_PLAN: &[Step] = &[
         target: "dev/stderr",
         to: "/proc/self/fd/2",
     },
+    // The one host object besides the devices: a listening Unix socket of the caller's.
+    Step::Socket { target: "dev/cot" },
     Step::Remount {
         target: "dev",
         flags: NOSUID_NODEV_NOEXEC,
@@ -172,6 +182,7 @@ impl Step {
             Step::Mount { target, .. }
             | Step::Sysfs { target }
             | Step::Device { target, .. }
+            | Step::Socket { target }
             | Step::Dir { target, .. }
             | Step::Symlink { target, .. }
             | Step::ReadOnly { target }
@@ -186,6 +197,7 @@ impl Step {
             Step::Mount { fstype, .. } => format!("mount {fstype}"),
             Step::Sysfs { .. } => "mount sysfs".into(),
             Step::Device { device, .. } => format!("bind device {device}"),
+            Step::Socket { .. } => "bind the build socket".into(),
             Step::Dir { .. } => "create directory".into(),
             Step::Symlink { to, .. } => format!("create symlink to {to}"),
             Step::ReadOnly { .. } => "make read-only".into(),
@@ -218,6 +230,35 @@ mod tests {
                 "/dev/tty"
             ]
         );
+    }
+
+    #[test]
+    fn the_build_socket_is_bound_once_at_its_path_before_dev_is_read_only() {
+        let position = |wanted: fn(&Step) -> bool| {
+            ROOT_PLAN
+                .iter()
+                .position(wanted)
+                .expect("a step of the plan")
+        };
+        let sockets: Vec<String> = ROOT_PLAN
+            .iter()
+            .filter(|step| matches!(step, Step::Socket { .. }))
+            .map(Step::inside_path)
+            .collect();
+        assert_eq!(sockets, [BUILD_SOCKET]);
+        let socket = position(|step| matches!(step, Step::Socket { .. }));
+        let dev_tmpfs = position(|step| {
+            matches!(
+                step,
+                Step::Mount {
+                    fstype: "tmpfs",
+                    ..
+                }
+            ) && step.inside_path() == "/dev"
+        });
+        let dev_read_only =
+            position(|step| matches!(step, Step::Remount { .. }) && step.inside_path() == "/dev");
+        assert!(dev_tmpfs < socket && socket < dev_read_only);
     }
 
     #[test]

@@ -39,11 +39,16 @@ pub struct Spec {
     /// caller copies on while it keeps what the command said. `None` passes the caller's.
     pub stdout: Option<RawFd>,
     pub stderr: Option<RawFd>,
+    /// The build socket: the absolute path, on the host, of a listening Unix socket that the
+    /// command reaches at [`crate::BUILD_SOCKET`] (`/dev/cot`), bound there like the device
+    /// nodes. It is the only host object besides them that the sandbox sees; `None` leaves
+    /// `/dev/cot` absent.
+    pub socket: Option<PathBuf>,
 }
 
 impl Spec {
-    /// Rejects what the kernel could not take: an empty `argv`, NUL bytes, a relative `cwd`,
-    /// malformed environment names, an over-long host name.
+    /// Rejects what the kernel could not take: an empty `argv`, NUL bytes, a relative `cwd` or
+    /// build socket, malformed environment names, an over-long host name.
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |what: String| Err(Error::InvalidSpec(what));
         let Some(program) = self.argv.first() else {
@@ -97,6 +102,13 @@ impl Spec {
             if !under_tmp || keep.as_os_str().as_bytes().contains(&0) {
                 return invalid(format!(
                     "{keep:?} is not a directory strictly under /tmp (absolute, without ..)"
+                ));
+            }
+        }
+        if let Some(socket) = &self.socket {
+            if !socket.is_absolute() || socket.as_os_str().as_bytes().contains(&0) {
+                return invalid(format!(
+                    "build socket {socket:?} is not an absolute path without NUL"
                 ));
             }
         }
@@ -196,6 +208,7 @@ mod tests {
             tmp_keep: Vec::new(),
             stdout: None,
             stderr: None,
+            socket: None,
         }
     }
 
@@ -205,6 +218,9 @@ mod tests {
         let mut keeping = spec();
         keeping.tmp_keep.push("/tmp/project/sub".into());
         assert!(keeping.validate().is_ok());
+        let mut serving = spec();
+        serving.socket = Some("/run/cot/build.sock".into());
+        assert!(serving.validate().is_ok());
     }
 
     #[test]
@@ -227,6 +243,14 @@ mod tests {
                 "\"/tmp/../etc\"",
             ),
             (Box::new(|s| s.tmp_keep.push("tmp/x".into())), "\"tmp/x\""),
+            (
+                Box::new(|s| s.socket = Some("build.sock".into())),
+                "build socket \"build.sock\"",
+            ),
+            (
+                Box::new(|s| s.socket = Some("/run/a\0b".into())),
+                "build socket \"/run/a\\0b\"",
+            ),
         ];
         for (edit, expected) in cases {
             let mut s = spec();

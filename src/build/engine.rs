@@ -31,10 +31,13 @@ use crate::store::thunk_id;
 /// the root's traces apart from a plain `cot run` of the same command, whose key has no parent.
 pub const ROOT_PARENT: ThunkId = [0; 32];
 
+/// A thunk's key and its traces, most recently used first.
+pub type Known = (ThunkKey, Vec<(TraceId, Trace)>);
+
 /// What the engine needs of the outside world.
 pub trait World: Send + Sync + 'static {
     /// The key and the traces (most recently used first) of a thunk; `None` when unknown.
-    fn thunk(&self, id: &ThunkId) -> anyhow::Result<Option<(ThunkKey, Vec<(TraceId, Trace)>)>>;
+    fn thunk(&self, id: &ThunkId) -> anyhow::Result<Option<Known>>;
     /// Whether a recorded input of `trace` holds in the real file system now: `None` when it
     /// does, else what changed.
     fn check(&self, input: &Input, trace: &Trace) -> Option<String>;
@@ -212,29 +215,25 @@ pub struct Outcome {
     pub would_run: bool,
 }
 
-/// A command line for messages and globs: the make target's recipe line under `cot make`,
-/// else the argv joined with spaces.
+/// A command line for messages and patterns: a recipe line (`sh -c LINE`) is shown as LINE,
+/// anything else as its arguments joined with spaces.
 pub fn command_of(key: &ThunkKey) -> String {
     let words: Vec<String> = key
         .argv
         .iter()
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    if words.len() >= 2 && words[1] == "__sh" {
-        if let Some(pos) = words.iter().position(|w| w == "-c") {
-            return words[pos + 1..].join(" ");
-        }
+    if key.target.is_some() && words.len() == 3 && words[1] == "-c" {
+        return words[2].clone();
     }
     words.join(" ")
 }
 
-/// The make target of a recipe line under `cot make` (`__sh --target T -c LINE`).
+/// The make target of a recipe line, under `cot make`.
 pub fn target_of(key: &ThunkKey) -> Option<String> {
-    let words: Vec<&[u8]> = key.argv.iter().map(Vec::as_slice).collect();
-    if words.len() >= 4 && words[1] == b"__sh" && words[2] == b"--target" {
-        return Some(String::from_utf8_lossy(words[3]).into_owned());
-    }
-    None
+    key.target
+        .as_ref()
+        .map(|t| String::from_utf8_lossy(t).into_owned())
 }
 
 /// Whether a recorded observation holds for a value in the keystate: `None` when the keystate
@@ -318,8 +317,14 @@ impl CallLog {
 
     /// The children, the events and the paths the children wrote. A child whose result
     /// never reached the thunk (it exited first) gets its End here, so every Start has one.
-    pub fn finish(self) -> (Vec<ChildCall>, Vec<SyncEvent>, BTreeMap<StorePath, OutputState>) {
-        let mut inner = self.inner.into_inner();
+    pub fn finish(
+        &self,
+    ) -> (
+        Vec<ChildCall>,
+        Vec<SyncEvent>,
+        BTreeMap<StorePath, OutputState>,
+    ) {
+        let mut inner = std::mem::take(&mut *self.inner.lock());
         let ended: HashSet<u32> = inner
             .events
             .iter()
@@ -406,6 +411,7 @@ struct Shared {
     /// Thunks resolved, by id, with their position in `order`.
     resolved: HashMap<ThunkId, Resolved>,
     order: Vec<ThunkId>,
+    ordered: HashSet<ThunkId>,
     /// Traces recorded in this build (a failed one may be reused within the build).
     fresh: HashSet<TraceId>,
     restored: Vec<StorePath>,
@@ -445,6 +451,7 @@ impl<W: World> Build<W> {
                     unknown: HashMap::new(),
                     resolved: HashMap::new(),
                     order: Vec::new(),
+                    ordered: HashSet::new(),
                     fresh: HashSet::new(),
                     restored: Vec::new(),
                     would_run: false,
@@ -527,7 +534,10 @@ impl<W: World> Inner<W> {
         let mut first_reason = None;
         for (trace_id, trace) in traces {
             let reason = if trace.exit_code != 0 && !self.shared.lock().fresh.contains(trace_id) {
-                Some(format!("the last run failed (exit status {})", trace.exit_code))
+                Some(format!(
+                    "the last run failed (exit status {})",
+                    trace.exit_code
+                ))
             } else {
                 self.invalid_input(trace)
             };
@@ -586,6 +596,13 @@ impl<W: World> Inner<W> {
         materialize: bool,
     ) -> ChildOutcome {
         let started = self.elapsed();
+        {
+            // Reports list thunks in request order, parents before their children.
+            let mut shared = self.shared.lock();
+            if shared.ordered.insert(id) {
+                shared.order.push(id);
+            }
+        }
         let traces = match self.world.thunk(&id) {
             Ok(found) => found.map(|(_, traces)| traces).unwrap_or_default(),
             Err(e) => return self.failed(id, key, parent, started, format!("{e:#}")),
@@ -637,7 +654,12 @@ impl<W: World> Inner<W> {
     }
 
     /// Loads a recorded child and resolves it.
-    fn resolve_id(self: &Arc<Self>, id: ThunkId, parent: ThunkId, materialize: bool) -> Option<ChildOutcome> {
+    fn resolve_id(
+        self: &Arc<Self>,
+        id: ThunkId,
+        parent: ThunkId,
+        materialize: bool,
+    ) -> Option<ChildOutcome> {
         let key = match self.world.thunk(&id) {
             Ok(Some((key, _))) => key,
             _ => return None,
@@ -697,7 +719,14 @@ impl<W: World> Inner<W> {
             }
             if let Some(reason) = restart {
                 if self.options.mode == Mode::DryRun {
-                    return self.simulate(id, key, parent, Some((trace_id, trace)), reason, started);
+                    return self.simulate(
+                        id,
+                        key,
+                        parent,
+                        Some((trace_id, trace)),
+                        reason,
+                        started,
+                    );
                 }
                 return self.execute(
                     id,
@@ -1017,7 +1046,11 @@ impl<W: World> Inner<W> {
     ) -> ChildOutcome {
         self.apply(id, &trace);
         let mut writes = own_writes(&trace);
-        for outcome in self.replay_children(id, &trace, false).into_iter().flatten() {
+        for outcome in self
+            .replay_children(id, &trace, false)
+            .into_iter()
+            .flatten()
+        {
             writes.extend(outcome.writes);
         }
         let outcome = ChildOutcome {
@@ -1110,7 +1143,7 @@ impl<W: World> Inner<W> {
     fn finish_thunk(&self, resolved: Resolved) {
         self.world.resolved(&resolved);
         let mut shared = self.shared.lock();
-        if !shared.resolved.contains_key(&resolved.id) {
+        if shared.ordered.insert(resolved.id) {
             shared.order.push(resolved.id);
         }
         shared.resolved.insert(resolved.id, resolved);
@@ -1131,6 +1164,7 @@ impl<W: World> Inner<W> {
                 unknown: HashMap::new(),
                 resolved: HashMap::new(),
                 order: Vec::new(),
+                ordered: HashSet::new(),
                 fresh: HashSet::new(),
                 restored: Vec::new(),
                 would_run: false,
@@ -1142,8 +1176,17 @@ impl<W: World> Inner<W> {
         let mut read: HashSet<&StorePath> = HashSet::new();
         for resolved in shared.resolved.values() {
             if let Some(trace) = &resolved.trace {
-                read.extend(trace.inputs.iter().map(|i| &i.path));
-                read.extend(trace.internal.iter().map(|i| &i.path));
+                // A thunk looking at its own output (a linker probing the file it replaces)
+                // does not make that output an intermediate, nor does a parent looking at
+                // what its children made (make checking its targets).
+                let own: HashSet<&StorePath> = trace.outputs.iter().map(|o| &o.path).collect();
+                read.extend(
+                    trace
+                        .inputs
+                        .iter()
+                        .map(|i| &i.path)
+                        .filter(|p| !own.contains(p)),
+                );
             }
         }
         let mut damaged = Vec::new();

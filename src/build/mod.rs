@@ -1,11 +1,21 @@
 //! Builds: a build script (or GNU make) runs as the root thunk, and every `cot run` inside it
 //! is a child thunk that cot decides, replays or executes.
 //!
-//! - [`engine`]: the rebuild logic (which thunks run, which are reused), over a `World`.
+//! - [`engine`]: the rebuild logic (which thunks run, which are reused), over a `World`;
+//! - [`coordinator`]: the real world (stores, file system, one worker process per thunk);
+//! - [`worker`]: `cot __thunk`, the process that runs one thunk and relays its requests;
+//! - [`client`]: `cot run`, `cot wait` and `cot __sh` inside a thunk;
+//! - [`protocol`]: the messages between them;
+//! - [`make`]: running GNU make for `cot make`; [`report`], [`progress`]: what the user sees.
 
+pub mod client;
+pub mod coordinator;
 pub mod engine;
 pub mod make;
+pub mod progress;
+pub mod protocol;
 pub mod report;
+pub mod worker;
 
 #[cfg(test)]
 mod tests;

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::engine::{
-    command_of, split_internal, Build, CallLog, ChildOutcome, Executed, Mode, Options, Requests,
-    Resolved, State, World,
+    command_of, split_internal, Build, CallLog, ChildOutcome, Executed, Known, Mode, Options,
+    Requests, Resolved, State, World,
 };
 use crate::store::model::{
     BuildRecord, Digest, FileKind, Input, InputKind, Observed, Output, OutputState, StatTuple,
@@ -43,6 +43,7 @@ fn key(name: &str) -> ThunkKey {
         system_root: b"/".to_vec(),
         options: Vec::new(),
         parent: None,
+        target: None,
     }
 }
 
@@ -51,7 +52,7 @@ struct Fake {
     files: Mutex<BTreeMap<String, String>>,
     /// Content store.
     cas: Mutex<HashMap<Digest, String>>,
-    thunks: Mutex<HashMap<ThunkId, (ThunkKey, Vec<(TraceId, Trace)>)>>,
+    thunks: Mutex<HashMap<ThunkId, Known>>,
     records: Mutex<HashMap<ThunkId, BuildRecord>>,
     /// Names of the thunks executed, in order.
     ran: Mutex<Vec<String>>,
@@ -84,9 +85,7 @@ impl Fake {
     }
 
     fn value(&self, p: &str) -> i64 {
-        self.get(p)
-            .and_then(|c| c.trim().parse().ok())
-            .unwrap_or(0)
+        self.get(p).and_then(|c| c.trim().parse().ok()).unwrap_or(0)
     }
 
     fn observe(&self, p: &str) -> Observed {
@@ -123,7 +122,7 @@ impl Fake {
 }
 
 impl World for Arc<Fake> {
-    fn thunk(&self, id: &ThunkId) -> anyhow::Result<Option<(ThunkKey, Vec<(TraceId, Trace)>)>> {
+    fn thunk(&self, id: &ThunkId) -> anyhow::Result<Option<Known>> {
         Ok(self.thunks.lock().get(id).cloned())
     }
 
@@ -172,15 +171,16 @@ impl World for Arc<Fake> {
         let mut seen: HashSet<String> = HashSet::new();
         let mut written: Vec<String> = Vec::new();
         let mut stdout = String::new();
-        let read = |p: &str, inputs: &mut Vec<Input>, seen: &mut HashSet<String>, written: &[String]| {
-            if !written.iter().any(|w| w == p) && seen.insert(p.to_string()) {
-                inputs.push(Input {
-                    path: path(p),
-                    kind: InputKind::Read,
-                    observed: self.observe(p),
-                });
-            }
-        };
+        let read =
+            |p: &str, inputs: &mut Vec<Input>, seen: &mut HashSet<String>, written: &[String]| {
+                if !written.iter().any(|w| w == p) && seen.insert(p.to_string()) {
+                    inputs.push(Input {
+                        path: path(p),
+                        kind: InputKind::Read,
+                        observed: self.observe(p),
+                    });
+                }
+            };
         let script_file = script_path(&name);
         read(&script_file, &mut inputs, &mut seen, &written);
         let script = self.get(&script_file).unwrap_or_default();
@@ -272,7 +272,9 @@ impl World for Arc<Fake> {
         };
         let trace_id = trace_id(&trace);
         let mut thunks = self.thunks.lock();
-        let entry = thunks.entry(*id).or_insert_with(|| (key.clone(), Vec::new()));
+        let entry = thunks
+            .entry(*id)
+            .or_insert_with(|| (key.clone(), Vec::new()));
         entry.1.retain(|(t, _)| *t != trace_id);
         entry.1.insert(0, (trace_id, trace.clone()));
         Ok(Executed {
@@ -291,7 +293,9 @@ impl World for Arc<Fake> {
         let id = thunk_id(key);
         let trace_id = trace_id(&trace);
         let mut thunks = self.thunks.lock();
-        let entry = thunks.entry(id).or_insert_with(|| (key.clone(), Vec::new()));
+        let entry = thunks
+            .entry(id)
+            .or_insert_with(|| (key.clone(), Vec::new()));
         entry.1.insert(0, (trace_id, trace));
         Ok(trace_id)
     }
@@ -408,12 +412,20 @@ fn set_of(names: &[&str]) -> Vec<String> {
 }
 
 /// The files a clean build of the same sources leaves.
-fn clean_build_files(scripts: &[(&str, &str)], fake: &Arc<Fake>, root: &str, sources: &[&str]) -> BTreeMap<String, String> {
+fn clean_build_files(
+    scripts: &[(&str, &str)],
+    fake: &Arc<Fake>,
+    root: &str,
+    sources: &[&str],
+) -> BTreeMap<String, String> {
     let files: Vec<(String, String)> = sources
         .iter()
         .filter_map(|s| fake.get(s).map(|c| (s.to_string(), c)))
         .collect();
-    let files_ref: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let files_ref: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     let clean = project(scripts, &files_ref);
     build(&clean, root);
     let all = clean.files.lock().clone();
@@ -424,8 +436,14 @@ fn clean_build_files(scripts: &[(&str, &str)], fake: &Arc<Fake>, root: &str, sou
 // requested by two parents is two thunks, so the shared `yacc` step is requested once, by the
 // root, before the two compiles (`Sequence [[yacc], [cc main, cc parse], [ld]]`).
 const YACC: &[(&str, &str)] = &[
-    ("run prog", "run yacc\nbg cc main\nbg cc parse\nwait\nrun ld"),
-    ("yacc", "write parse.h = parse.y + 1\nwrite parse.c = parse.y + 2"),
+    (
+        "run prog",
+        "run yacc\nbg cc main\nbg cc parse\nwait\nrun ld",
+    ),
+    (
+        "yacc",
+        "write parse.h = parse.y + 1\nwrite parse.c = parse.y + 2",
+    ),
     ("cc main", "write main.o = main.c + parse.h"),
     ("cc parse", "write parse.o = parse.c + parse.h"),
     ("ld", "write prog = parse.o + main.o"),
@@ -440,14 +458,22 @@ fn yacc() -> Arc<Fake> {
         sorted(&first.ran),
         set_of(&["run prog", "yacc", "cc main", "cc parse", "ld"])
     );
-    assert!(first.states.values().all(|s| *s == State::New), "{:?}", first.states);
+    assert!(
+        first.states.values().all(|s| *s == State::New),
+        "{:?}",
+        first.states
+    );
     fake
 }
 
 fn yacc_outputs_are_clean(fake: &Arc<Fake>) {
     let clean = clean_build_files(YACC, fake, "run prog", &["parse.y", "main.c"]);
     for (p, content) in &clean {
-        assert_eq!(fake.get(p).as_ref(), Some(content), "{p} differs from a clean build's");
+        assert_eq!(
+            fake.get(p).as_ref(),
+            Some(content),
+            "{p} differs from a clean build's"
+        );
     }
 }
 
@@ -467,7 +493,10 @@ fn yacc_editing_main_c_reruns_cc_main_and_ld_only() {
     assert_eq!(report.ran, set_of(&["cc main", "ld"]));
     assert_eq!(report.states["cc main"], State::Dirty);
     assert_eq!(report.reasons["cc main"], "main.c changed");
-    assert_eq!(report.reasons["ld"], "main.o changed (rebuilt in this build)");
+    assert_eq!(
+        report.reasons["ld"],
+        "main.o changed (rebuilt in this build)"
+    );
     assert_eq!(report.states["yacc"], State::Clean);
     assert_eq!(report.states["cc parse"], State::Clean);
     assert_eq!(report.states["run prog"], State::Clean);
@@ -538,7 +567,10 @@ fn yacc_a_deleted_intermediate_is_left_alone_until_a_thunk_that_runs_needs_it() 
     let report = build(&fake, "run prog");
     assert_eq!(report.ran, set_of(&["ld"]));
     assert_eq!(report.restored, set_of(&["main.o"]));
-    assert_eq!(fake.value("prog"), fake.value("parse.o") + fake.value("main.o") + 1);
+    assert_eq!(
+        fake.value("prog"),
+        fake.value("parse.o") + fake.value("main.o") + 1
+    );
 }
 
 #[test]
@@ -615,7 +647,11 @@ fn dry_run_says_what_would_run_and_runs_nothing() {
     assert!(report.ran.is_empty());
     assert_eq!(report.states["cc main"], State::Dirty);
     assert_eq!(report.reasons["cc main"], "would run: main.c changed");
-    assert!(report.reasons["ld"].starts_with("would run: main.o would be rebuilt"), "{}", report.reasons["ld"]);
+    assert!(
+        report.reasons["ld"].starts_with("would run: main.o would be rebuilt"),
+        "{}",
+        report.reasons["ld"]
+    );
     assert_eq!(report.states["cc parse"], State::Clean);
     assert_eq!(*fake.files.lock(), before);
     // And the real build afterwards does exactly that.
@@ -846,7 +882,11 @@ fn children_requested_together_run_together_and_output_changes_restart_the_paren
     fake.set(&script_path("a"), "echo B\nwrite a.out = x + 0");
     let report = build(&fake, "root");
     assert_eq!(sorted(&report.ran), set_of(&["a", "root"]));
-    assert!(report.reasons["root"].contains("output changed"), "{}", report.reasons["root"]);
+    assert!(
+        report.reasons["root"].contains("output changed"),
+        "{}",
+        report.reasons["root"]
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! Exit codes: the command's own status for `cot run`; 125 when cot itself failed; 126 when the
 //! command cannot be executed; 127 when it is not found; 2 for usage errors (clap's own).
 
+mod build;
 mod inspect;
 mod run;
 
@@ -33,10 +34,34 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    Build(build::BuildArgs),
+    /// Run GNU make with every recipe line as a thunk of a build (see `cot make --help`)
+    #[command(disable_help_flag = true)]
+    Make {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    Status(build::StatusArgs),
+    Wait(build::WaitArgs),
     Show(inspect::ShowArgs),
     Query(inspect::QueryArgs),
     Gc(inspect::GcArgs),
     Clean(inspect::CleanArgs),
+    /// Runs one thunk for a build (internal)
+    #[command(name = "__thunk", hide = true)]
+    Thunk,
+    /// make's shell under `cot make` (internal)
+    #[command(name = "__sh", hide = true, disable_help_flag = true)]
+    Sh {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// make under `cot make`, phases and all (internal)
+    #[command(name = "__make", hide = true, disable_help_flag = true)]
+    MakeDriver {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Entry point of the binary.
@@ -44,6 +69,13 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Build(args) => build::build(args),
+        Command::Make { args } => build::make_main(args),
+        Command::Status(args) => build::status(args),
+        Command::Wait(args) => build::wait(args),
+        Command::Thunk => crate::build::worker::main(),
+        Command::Sh { args } => crate::build::client::sh(&args),
+        Command::MakeDriver { args } => build::make_driver(args),
         Command::Show(args) => inspect::show(args),
         Command::Query(args) => inspect::query(args),
         Command::Gc(args) => inspect::gc(args),

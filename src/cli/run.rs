@@ -104,12 +104,25 @@ pub struct RunArgs {
     #[arg(short, long)]
     verbose: bool,
 
+    /// Inside a build: start the command as a child thunk without waiting for it (`cot wait`
+    /// waits for the started ones)
+    #[arg(long)]
+    bg: bool,
+
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
 pub fn run(args: RunArgs) -> Result<u8> {
+    if crate::build::client::inside_build() {
+        return nested(args);
+    }
+    if args.bg {
+        anyhow::bail!(
+            "--bg starts a child thunk of a build: use it inside a build script (`cot build`)"
+        );
+    }
     let rules = args
         .env
         .iter()
@@ -126,6 +139,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         writable: args.writable,
         hide: args.hide,
         rootless,
+        target: None,
     };
     // Open the trace file before running, so a bad path fails before the command runs.
     let trace_out = match &args.trace_out {
@@ -138,6 +152,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let options = RunOptions {
         keep_failed: args.keep_failed,
         no_passthrough: args.no_passthrough,
+        ..RunOptions::default()
     };
     let memo_options = MemoOptions {
         store: args.store,
@@ -180,4 +195,38 @@ pub fn run(args: RunArgs) -> Result<u8> {
         }
     }
     Ok(u8::try_from(report.exit_code).unwrap_or(u8::MAX))
+}
+
+/// `cot run` inside a thunk of a build: the command becomes a child thunk of the build, with
+/// this process's whole environment (the build already filtered the root's) plus `--env`.
+fn nested(args: RunArgs) -> Result<u8> {
+    let refused = [
+        (args.trace_out.is_some(), "--trace-out"),
+        (!args.writable.is_empty(), "--writable"),
+        (!args.hide.is_empty(), "--hide"),
+        (
+            args.system_root != std::path::Path::new("/"),
+            "--system-root",
+        ),
+        (args.rootless, "--rootless"),
+        (args.keep_failed, "--keep-failed"),
+        (args.no_cache, "--no-cache"),
+        (args.cache_failures, "--cache-failures"),
+        (args.store.is_some(), "--store"),
+        (args.cache.is_some(), "--cache"),
+    ];
+    if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
+        anyhow::bail!(
+            "{flag} cannot be used inside a build: the thunks of a build share the build's \
+             settings (give it to `cot build` instead)"
+        );
+    }
+    let rules = args
+        .env
+        .iter()
+        .map(|arg| EnvRule::parse(arg))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let env = thunk_env(crate::build::client::request_env(), &rules, true);
+    crate::build::client::run(args.command, env, None, args.bg)
 }

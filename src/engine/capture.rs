@@ -37,7 +37,8 @@ impl Capture {
 
     /// Starts copying, once the command holds its own copies of the write ends (after the
     /// sandbox was launched): ours are closed here so the copies end when the command's do.
-    pub fn start(self) -> io::Result<Copying> {
+    /// `show`: also copy to cot's own stdout and stderr.
+    pub fn start(self, show: bool) -> io::Result<Copying> {
         let Capture { stdout, stderr } = self;
         let (out_r, out_w, out_file) = stdout;
         let (err_r, err_w, err_file) = stderr;
@@ -46,8 +47,8 @@ impl Capture {
         let out_file = File::create(&out_file)?;
         let err_file = File::create(&err_file)?;
         let threads = vec![
-            std::thread::spawn(move || copy(out_r, out_file, io::stdout())),
-            std::thread::spawn(move || copy(err_r, err_file, io::stderr())),
+            std::thread::spawn(move || copy(out_r, out_file, show.then(io::stdout))),
+            std::thread::spawn(move || copy(err_r, err_file, show.then(io::stderr))),
         ];
         Ok(Copying { threads })
     }
@@ -67,8 +68,8 @@ impl Copying {
 
 /// Copies everything from `from` into `keep`, and on to `show` as long as it accepts it (a
 /// caller piping cot into `head` must not stop the thunk, nor the keeping).
-fn copy(mut from: io::PipeReader, mut keep: File, show: impl Write) -> io::Result<()> {
-    let mut show = Some(show);
+fn copy(mut from: io::PipeReader, mut keep: File, show: Option<impl Write>) -> io::Result<()> {
+    let mut show = show;
     let mut buffer = vec![0; 64 * 1024];
     loop {
         let n = match from.read(&mut buffer) {

@@ -11,6 +11,10 @@ use crate::store::model::{StorePath, ThunkKey};
 
 use super::Thunk;
 
+/// Variables a build sets for its thunks (`COT_BUILD_JOBS`) that are not part of their keys:
+/// changing `-j` must not make every thunk new.
+pub const BUILD_ENV_PREFIX: &[u8] = b"COT_BUILD_";
+
 /// Maps paths between what a thunk saw (view paths) and what the store keeps.
 #[derive(Clone, Debug)]
 pub struct Paths {
@@ -110,11 +114,13 @@ pub fn thunk_key(thunk: &Thunk, paths: &Paths) -> ThunkKey {
         env: thunk
             .env
             .iter()
+            .filter(|(name, _)| !name.as_bytes().starts_with(BUILD_ENV_PREFIX))
             .map(|(name, value)| (name.as_bytes().to_vec(), value.as_bytes().to_vec()))
             .collect(),
         system_root: thunk.system_root.as_os_str().as_bytes().to_vec(),
         options: options(thunk, paths),
         parent: None,
+        target: thunk.target.as_ref().map(|t| t.as_bytes().to_vec()),
     }
 }
 

@@ -20,7 +20,8 @@ use cot_fusefs::{Access, AccessKind};
 use crate::cas::Cas;
 use crate::server::Client;
 use crate::store::model::{
-    FileState, Input, InputKind, Observed, Output, OutputState, StorePath, Trace, TraceId,
+    ChildCall, FileState, Input, InputKind, Observed, Output, OutputState, StorePath, SyncEvent,
+    Trace, TraceId,
 };
 use crate::store::thunk_id;
 
@@ -179,6 +180,57 @@ pub fn run(
     }
 
     let ran = super::execute(thunk, run_options)?;
+    record_run(
+        &ran,
+        thunk,
+        key,
+        run_options,
+        options.check,
+        &mut client,
+        &cas,
+        None,
+    )?;
+    let message = super::outcome_message(&ran.outcome);
+    Ok(MemoReport {
+        exit_code: ran.outcome.exit_code(),
+        explanation: format!("ran: {reason}"),
+        message,
+        accesses: ran.accesses.clone(),
+        ran: true,
+        passthrough: ran.passthrough,
+        duration: started.elapsed(),
+        hashes,
+        decided_in,
+    })
+}
+
+/// What a build adds to the trace of a thunk that ran: its child requests and the events of
+/// its synchronization operations, and what its children wrote (see
+/// [`crate::build::engine::CallLog`]).
+pub type ChildRequests = (
+    Vec<ChildCall>,
+    Vec<SyncEvent>,
+    std::collections::BTreeMap<StorePath, OutputState>,
+);
+
+/// After a thunk ran: observes its inputs (before its writes are committed, so they are what
+/// it saw), commits or discards its layer, stores its outputs and output in the content
+/// store, and records the trace. `None` when it was interrupted (nothing is recorded).
+#[allow(clippy::too_many_arguments)]
+pub fn record_run(
+    ran: &super::Ran,
+    thunk: &Thunk,
+    key: crate::store::model::ThunkKey,
+    run_options: &RunOptions,
+    check: CheckMode,
+    client: &mut Client,
+    cas: &Cas,
+    children: Option<ChildRequests>,
+) -> Result<Option<(TraceId, Trace)>, Error> {
+    let project_root = super::project::find_root(&thunk.cwd);
+    let paths = Paths::new(&project_root);
+    let binds = Binds::new(super::view_binds(thunk, &project_root)?);
+    let hidden = cot_fusefs::hide_set(&thunk.hide)?;
     // The digests of unchanged files it read are known: one batch from the store.
     let read: Vec<PathBuf> = ran
         .accesses
@@ -197,9 +249,36 @@ pub fn run(
             .filter_map(|(path, state)| Some((path, state?)))
             .collect(),
     );
-    let observer = Observer::new(&paths, &binds, options.check, &known, &hidden);
+    let observer = Observer::new(&paths, &binds, check, &known, &hidden);
     let output_paths = output_paths(&ran.accesses, &project_root, &thunk.writable);
-    let inputs = inputs(&ran.accesses, &observer, &paths, &output_paths);
+    let (children, events, written) = children.unwrap_or_default();
+    // What its children wrote is left out of its listings like its own outputs: deleting a
+    // child's output must not make the parent run again (the build restores or rebuilds it).
+    let mut unlisted = output_paths.clone();
+    unlisted.extend(written.keys().map(|p| paths.to_view(p)));
+    let inputs = inputs(&ran.accesses, &observer, &paths, &unlisted);
+    let (inputs, mut internal) = crate::build::engine::split_internal(inputs, &written);
+    // Those entries are kept as internal lookups, so the check of the listing leaves them out
+    // again, and a child that stops writing one makes the parent run again.
+    let listed: HashSet<PathBuf> = inputs
+        .iter()
+        .filter(|i| i.kind == InputKind::Readdir)
+        .map(|i| paths.to_view(&i.path))
+        .collect();
+    for path in written.keys() {
+        let view = paths.to_view(path);
+        let in_listed = view.parent().is_some_and(|dir| listed.contains(dir));
+        if in_listed && !internal.iter().any(|i| &i.path == path) {
+            let observed = observer
+                .observe(InputKind::Stat, &view, &HashSet::new())
+                .unwrap_or(Observed::Absent);
+            internal.push(Input {
+                path: path.clone(),
+                kind: InputKind::Stat,
+                observed,
+            });
+        }
+    }
     let commits = ran.commits(run_options);
     if commits {
         ran.commit()?;
@@ -207,7 +286,7 @@ pub fn run(
         ran.discard()?;
     }
     let outputs = if commits {
-        outputs(&output_paths, &ran.accesses, &paths, &binds, &cas)?
+        outputs(&output_paths, &ran.accesses, &paths, &binds, cas)?
     } else {
         Vec::new()
     };
@@ -215,35 +294,25 @@ pub fn run(
     let stdout = cas.put_file(stdout_file)?.0;
     let stderr = cas.put_file(stderr_file)?.0;
     let interrupted = matches!(ran.outcome, cot_sandbox::Outcome::Interrupted(_));
-    if !interrupted {
-        let mut files = observer.take_learned();
-        files.extend(output_states(&outputs, &paths, &binds));
-        let trace = Trace {
-            inputs,
-            outputs,
-            stdout,
-            stderr,
-            exit_code: ran.outcome.exit_code(),
-            duration_ns: u64::try_from(ran.duration.as_nanos()).unwrap_or(u64::MAX),
-            ran_at_ns: now_ns(),
-            children: Vec::new(),
-            events: Vec::new(),
-            internal: Vec::new(),
-        };
-        client.record(key, trace, files)?;
+    if interrupted {
+        return Ok(None);
     }
-    let message = super::outcome_message(&ran.outcome);
-    Ok(MemoReport {
+    let mut files = observer.take_learned();
+    files.extend(output_states(&outputs, &paths, &binds));
+    let trace = Trace {
+        inputs,
+        outputs,
+        stdout,
+        stderr,
         exit_code: ran.outcome.exit_code(),
-        explanation: format!("ran: {reason}"),
-        message,
-        accesses: ran.accesses.clone(),
-        ran: true,
-        passthrough: ran.passthrough,
-        duration: started.elapsed(),
-        hashes,
-        decided_in,
-    })
+        duration_ns: u64::try_from(ran.duration.as_nanos()).unwrap_or(u64::MAX),
+        ran_at_ns: now_ns(),
+        children,
+        events,
+        internal,
+    };
+    let trace_id = client.record(key, trace.clone(), files)?;
+    Ok(Some((trace_id, trace)))
 }
 
 /// File states fetched from the store in one batch.
@@ -283,97 +352,121 @@ fn decide<'t>(
 
 /// The first recorded input that no longer holds, described.
 fn invalid_input(trace: &Trace, observer: &Observer<'_>) -> Option<String> {
-    let outputs: HashMap<&StorePath, &OutputState> =
-        trace.outputs.iter().map(|o| (&o.path, &o.state)).collect();
-    let output_paths: Vec<&StorePath> = trace.outputs.iter().map(|o| &o.path).collect();
-    let names = output_names(&output_paths, observer.paths);
-    let none = HashSet::new();
-    for input in &trace.inputs {
-        let left = outputs.get(&input.path).copied();
-        // A lookup of a path the thunk then writes is the probe that comes with creating,
-        // truncating or removing it (`cc -o`, `>`, `rm -f`): what was there before does not
-        // reach the outputs, and the outputs themselves are restored on a hit. A read of it
-        // before rewriting it still counts.
-        if left.is_some() && matches!(input.kind, InputKind::Stat | InputKind::Absent) {
-            continue;
-        }
-        let view = observer.paths.to_view(&input.path);
-        let exclude = names.get(&view).unwrap_or(&none);
-        if let Some(change) = observer.check(input, exclude, left) {
-            return Some(change.to_string());
-        }
+    trace
+        .inputs
+        .iter()
+        .find_map(|input| check_input(input, trace, observer))
+}
+
+/// Whether one recorded input of `trace` still holds: `None` when it does, else what changed.
+pub fn check_input(input: &Input, trace: &Trace, observer: &Observer<'_>) -> Option<String> {
+    let left = trace
+        .outputs
+        .iter()
+        .find(|o| o.path == input.path)
+        .map(|o| &o.state);
+    // A lookup of a path the thunk then writes is the probe that comes with creating,
+    // truncating or removing it (`cc -o`, `>`, `rm -f`): what was there before does not
+    // reach the outputs, and the outputs themselves are restored on a hit. A read of it
+    // before rewriting it still counts.
+    if left.is_some() && matches!(input.kind, InputKind::Stat | InputKind::Absent) {
+        return None;
     }
-    None
+    let view = observer.paths.to_view(&input.path);
+    let none = HashSet::new();
+    let exclude = if input.kind == InputKind::Readdir {
+        let output_paths: Vec<&StorePath> = trace
+            .outputs
+            .iter()
+            .map(|o| &o.path)
+            .chain(trace.internal.iter().map(|i| &i.path))
+            .collect();
+        output_names(&output_paths, observer.paths)
+            .remove(&view)
+            .unwrap_or_default()
+    } else {
+        none
+    };
+    observer
+        .check(input, &exclude, left)
+        .map(|change| change.to_string())
 }
 
 /// Restores the outputs of `trace` that are missing or differ; returns how many.
 fn materialize(trace: &Trace, cas: &Cas, observer: &Observer<'_>) -> Result<usize, Error> {
     let mut restored = 0;
+    // Deletions first, deepest first, so that a directory removed by the thunk goes after its
+    // entries and before anything is created in its place.
+    for output in trace.outputs.iter().rev() {
+        if output.state == OutputState::Deleted && restore_output(output, cas, observer)? {
+            restored += 1;
+        }
+    }
+    for output in &trace.outputs {
+        if output.state != OutputState::Deleted && restore_output(output, cas, observer)? {
+            restored += 1;
+        }
+    }
+    Ok(restored)
+}
+
+/// Puts one output on the real file system as the thunk left it, unless it already is;
+/// returns whether anything changed.
+pub fn restore_output(output: &Output, cas: &Cas, observer: &Observer<'_>) -> Result<bool, Error> {
     let io_error = |path: &Path, e: io::Error| Error::Path {
         path: path.to_path_buf(),
         message: format!("cannot restore output: {e}"),
     };
-    // Deletions first, deepest first, so that a directory removed by the thunk goes after its
-    // entries and before anything is created in its place.
-    for output in trace.outputs.iter().rev() {
-        if output.state != OutputState::Deleted {
-            continue;
-        }
-        let real = observer.binds.real(&observer.paths.to_view(&output.path));
-        match fs::symlink_metadata(&real) {
+    let view = observer.paths.to_view(&output.path);
+    let real = observer.binds.real(&view);
+    if output.state == OutputState::Deleted {
+        return match fs::symlink_metadata(&real) {
             Ok(meta) if meta.is_dir() => {
                 fs::remove_dir_all(&real).map_err(|e| io_error(&real, e))?;
-                restored += 1;
+                Ok(true)
             }
             Ok(_) => {
                 fs::remove_file(&real).map_err(|e| io_error(&real, e))?;
-                restored += 1;
+                Ok(true)
             }
-            Err(_) => {}
-        }
+            Err(_) => Ok(false),
+        };
     }
-    for output in &trace.outputs {
-        let view = observer.paths.to_view(&output.path);
-        if output.state == OutputState::Deleted
-            || observer.output_holds(&view, &output.state).unwrap_or(false)
-        {
-            continue;
-        }
-        let real = observer.binds.real(&view);
-        if let Some(parent) = real.parent() {
-            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
-        }
-        let existing = fs::symlink_metadata(&real).ok();
-        let is_dir = existing.as_ref().is_some_and(|m| m.is_dir());
-        match &output.state {
-            OutputState::Dir { mode } => {
-                if existing.is_some() && !is_dir {
-                    fs::remove_file(&real).map_err(|e| io_error(&real, e))?;
-                }
-                fs::create_dir_all(&real).map_err(|e| io_error(&real, e))?;
-                fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(*mode))
-                    .map_err(|e| io_error(&real, e))?;
-            }
-            OutputState::File { digest, mode, .. } => {
-                if is_dir {
-                    fs::remove_dir_all(&real).map_err(|e| io_error(&real, e))?;
-                }
-                cas.restore(digest, &real, *mode)?;
-            }
-            OutputState::Symlink { target } => {
-                if is_dir {
-                    fs::remove_dir_all(&real).map_err(|e| io_error(&real, e))?;
-                } else if existing.is_some() {
-                    fs::remove_file(&real).map_err(|e| io_error(&real, e))?;
-                }
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &real)
-                    .map_err(|e| io_error(&real, e))?;
-            }
-            OutputState::Deleted => {}
-        }
-        restored += 1;
+    if observer.output_holds(&view, &output.state).unwrap_or(false) {
+        return Ok(false);
     }
-    Ok(restored)
+    if let Some(parent) = real.parent() {
+        fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+    }
+    let existing = fs::symlink_metadata(&real).ok();
+    let is_dir = existing.as_ref().is_some_and(|m| m.is_dir());
+    match &output.state {
+        OutputState::Dir { mode } => {
+            if existing.is_some() && !is_dir {
+                fs::remove_file(&real).map_err(|e| io_error(&real, e))?;
+            }
+            fs::create_dir_all(&real).map_err(|e| io_error(&real, e))?;
+            fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(*mode))
+                .map_err(|e| io_error(&real, e))?;
+        }
+        OutputState::File { digest, mode, .. } => {
+            if is_dir {
+                fs::remove_dir_all(&real).map_err(|e| io_error(&real, e))?;
+            }
+            cas.restore(digest, &real, *mode)?;
+        }
+        OutputState::Symlink { target } => {
+            if is_dir {
+                fs::remove_dir_all(&real).map_err(|e| io_error(&real, e))?;
+            } else if existing.is_some() {
+                fs::remove_file(&real).map_err(|e| io_error(&real, e))?;
+            }
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &real)
+                .map_err(|e| io_error(&real, e))?;
+        }
+        OutputState::Deleted => {}
+    }
+    Ok(true)
 }
 
 /// Writes the recorded stdout and stderr of a trace to cot's own.

@@ -50,6 +50,8 @@ pub struct Thunk {
     pub hide: Vec<String>,
     /// Run in a user namespace (forced by `--rootless`, automatic when not root).
     pub rootless: bool,
+    /// The make target whose recipe line this is (`cot make`), part of the key.
+    pub target: Option<String>,
 }
 
 /// How to run a thunk, beyond what it is.
@@ -59,6 +61,11 @@ pub struct RunOptions {
     pub keep_failed: bool,
     /// Never use kernel FUSE passthrough, even where available.
     pub no_passthrough: bool,
+    /// Keep the command's output only (for replay, or for a requester), instead of also
+    /// copying it to cot's own stdout and stderr.
+    pub quiet: bool,
+    /// A listening Unix socket the command reaches at `/dev/cot`: the build it belongs to.
+    pub socket: Option<PathBuf>,
 }
 
 /// The one-line message cot prints for an outcome the command did not print itself.
@@ -136,6 +143,16 @@ impl Ran {
 /// Must be called while the process is single-threaded (the sandbox forks); the FUSE server
 /// threads and the output copying threads are started once the sandbox is cloned.
 pub fn execute(thunk: &Thunk, options: &RunOptions) -> Result<Ran, Error> {
+    execute_with(thunk, options, |_| ())
+}
+
+/// [`execute`], calling `serving` with the filesystem's handle once the command runs (a build
+/// starts serving the command's child requests there).
+pub fn execute_with(
+    thunk: &Thunk,
+    options: &RunOptions,
+    serving: impl FnOnce(&cot_fusefs::Handle),
+) -> Result<Ran, Error> {
     let started = Instant::now();
     let project_root = project::find_root(&thunk.cwd);
     if project_root == Path::new(PRIVATE_TMP) {
@@ -156,6 +173,7 @@ pub fn execute(thunk: &Thunk, options: &RunOptions) -> Result<Ran, Error> {
         tmp_keep: Vec::new(),
         stdout: None,
         stderr: None,
+        socket: options.socket.clone(),
     };
     cot_sandbox::preflight(&spec)?;
     let layer = project::reserve_layer(&project_root).map_err(Error::Layer)?;
@@ -186,7 +204,10 @@ pub fn execute(thunk: &Thunk, options: &RunOptions) -> Result<Ran, Error> {
         Ok(())
     });
     let copying = match sandbox {
-        Ok(_) => Some(capture.start().map_err(Error::Layer)),
+        Ok(_) => {
+            serving(&handle);
+            Some(capture.start(!options.quiet).map_err(Error::Layer))
+        }
         Err(_) => None,
     };
     let outcome = match sandbox {

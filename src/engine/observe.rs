@@ -25,7 +25,17 @@ use crate::store::model::{
 use super::key::{Binds, Paths};
 
 /// How to tell whether a file's content changed (`--check`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum CheckMode {
     /// A file changed when its stat tuple (inode, size, mtime, ctime, mode) changed.
     Mtime,

@@ -29,8 +29,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use model::{
-    BuildRecord,
-    Digest, FileState, OutputState, StorePath, ThunkId, ThunkInfo, ThunkKey, Trace, TraceId,
+    BuildRecord, Digest, FileState, OutputState, StorePath, ThunkId, ThunkInfo, ThunkKey, Trace,
+    TraceId,
 };
 use schema::{BUILDS, FILES, META, READERS, THUNKS, TRACES, WRITERS};
 

@@ -183,6 +183,9 @@ pub struct ThunkKey {
     /// and how many requests with the same key that parent made before it: children are
     /// named structurally, so inserting a step does not rename the steps after it.
     pub parent: Option<(ThunkId, u32)>,
+    /// The make target whose recipe line this is, under `cot make` (for messages and
+    /// `--rebuild`/`--skip` patterns; two targets with the same line are two thunks).
+    pub target: Option<Vec<u8>>,
 }
 
 /// What the store keeps of the last build of a root thunk: which thunks it used, and a

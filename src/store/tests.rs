@@ -25,6 +25,7 @@ fn key(command: &str) -> ThunkKey {
         system_root: b"/".to_vec(),
         options: Vec::new(),
         parent: None,
+        target: None,
     }
 }
 
@@ -447,7 +448,9 @@ fn a_version_1_store_is_migrated_keeping_only_file_states() {
     store
         .record(&key("cc"), &trace(&["a.c"], &["a.o"], 1), &[])
         .unwrap();
-    store.put_file_states(&[(b"/p/a.c".to_vec(), state(2))]).unwrap();
+    store
+        .put_file_states(&[(b"/p/a.c".to_vec(), state(2))])
+        .unwrap();
     // Version 1 had no `builds` column family.
     store.db.drop_cf(schema::BUILDS).unwrap();
     store

@@ -35,8 +35,8 @@ fn serve(fd: OwnedFd, session: &mut Option<JoinHandle<std::io::Result<()>>>) -> 
     Ok(())
 }
 
-/// `--launch [--userns] [--cwd DIR] [--hostname NAME] [--env NAME=VALUE]... [--leak-dir-fd]
-/// [--spawn-thread] [--fail-serve] [--repeat N] [--time] -- ARGV...`
+/// `--launch [--userns] [--cwd DIR] [--hostname NAME] [--env NAME=VALUE]... [--socket PATH]
+/// [--leak-dir-fd] [--spawn-thread] [--fail-serve] [--repeat N] [--time] -- ARGV...`
 pub fn main(args: &[OsString]) -> ! {
     let mut spec = Spec {
         argv: Vec::new(),
@@ -48,6 +48,7 @@ pub fn main(args: &[OsString]) -> ! {
         tmp_keep: Vec::new(),
         stdout: None,
         stderr: None,
+        socket: None,
     };
     let mut repeat = 1;
     let mut time = false;
@@ -59,6 +60,7 @@ pub fn main(args: &[OsString]) -> ! {
             "--userns" => spec.user_namespace = true,
             "--cwd" => spec.cwd = value().into(),
             "--hostname" => spec.hostname = Some(value().to_string_lossy().into_owned()),
+            "--socket" => spec.socket = Some(value().into()),
             "--env" => {
                 let pair = value().to_string_lossy().into_owned();
                 let (name, value) = pair.split_once('=').unwrap_or((&pair, ""));

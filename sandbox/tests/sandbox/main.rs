@@ -15,8 +15,13 @@ mod harness;
 mod passthrough;
 
 use std::ffi::OsString;
-use std::os::unix::fs::MetadataExt;
-use std::time::Instant;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use harness::{
     ensure, ensure_empty, fail, namespace, require_root, Launch, Mode, Problem, Verdict, PATH,
@@ -399,6 +404,159 @@ fn a_threaded_caller_is_refused() -> Verdict {
     Ok(())
 }
 
+/// A listening Unix socket of the runner's in a fresh directory of the host's `/tmp`, which
+/// the sandbox's private `/tmp` hides: the init must reach it before covering `/tmp`. The
+/// directory is searchable and the socket writable by the unprivileged test user. Removed on
+/// drop.
+struct HostSocket {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl HostSocket {
+    fn new() -> Result<HostSocket, Problem> {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let dir = PathBuf::from(format!(
+            "/tmp/cot-sandbox-socket-{}-{}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(|e| fail(format!("create {}: {e}", dir.display())))?;
+        let socket = HostSocket {
+            path: dir.join("build.sock"),
+            listener: UnixListener::bind(dir.join("build.sock"))
+                .map_err(|e| fail(format!("bind a socket in {}: {e}", dir.display())))?,
+            dir,
+        };
+        for (path, mode) in [(&socket.dir, 0o755), (&socket.path, 0o666)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| fail(format!("chmod {}: {e}", path.display())))?;
+        }
+        Ok(socket)
+    }
+
+    /// Accepts one connection (until `stop` is set), reads a line and answers `ack: LINE`.
+    /// Returns the line read.
+    fn serve_one(&self, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Result<String, String>> {
+        let listener = self.listener.try_clone();
+        std::thread::spawn(move || {
+            let listener = listener.map_err(|e| format!("clone the listener: {e}"))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| format!("make the listener non-blocking: {e}"))?;
+            let stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        if stop.load(Ordering::Relaxed) {
+                            return Err("nobody connected".into());
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(format!("accept: {e}")),
+                }
+            };
+            stream
+                .set_nonblocking(false)
+                .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(10))))
+                .map_err(|e| format!("set up the connection: {e}"))?;
+            let mut line = String::new();
+            BufReader::new(&stream)
+                .read_line(&mut line)
+                .map_err(|e| format!("read from the connection: {e}"))?;
+            (&stream)
+                .write_all(format!("ack: {line}").as_bytes())
+                .map_err(|e| format!("answer: {e}"))?;
+            Ok(line)
+        })
+    }
+}
+
+impl Drop for HostSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The command connects to `/dev/cot`, writes a line and prints the runner's answer.
+fn the_build_socket_reaches_the_callers_listener(mode: Mode) -> Verdict {
+    let socket = HostSocket::new()?;
+    let mut launch = Launch::sh(
+        mode,
+        r#"stat -c %F /dev/cot
+        perl -MIO::Socket::UNIX -e '
+            my $s = IO::Socket::UNIX->new(Peer => "/dev/cot") or die "connect /dev/cot: $!\n";
+            print $s "hello from the sandbox\n";
+            $s->flush;
+            print scalar <$s>;'
+        touch /dev/new 2>&1 | sed 's/.*: //'"#,
+    );
+    launch.extra_flags.extend([
+        "--socket".into(),
+        socket.path.to_string_lossy().into_owned(),
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = socket.serve_one(stop.clone());
+    let ran = launch.run();
+    stop.store(true, Ordering::Relaxed);
+    let served = server
+        .join()
+        .map_err(|_| fail("the socket's server panicked"))?;
+    let ran = ran?;
+    ensure!(
+        ran.stdout == "socket\nack: hello from the sandbox\nRead-only file system\n",
+        "stdout {:?}; stderr {:?}; outcome {}; server {served:?}",
+        ran.stdout,
+        ran.stderr,
+        ran.outcome()
+    );
+    ensure!(
+        served.as_deref() == Ok("hello from the sandbox\n"),
+        "the server got {served:?}"
+    );
+    ensure!(ran.code == 0, "exit status {}", ran.code);
+    Ok(())
+}
+
+fn without_a_build_socket_dev_cot_does_not_exist(mode: Mode) -> Verdict {
+    let ran = Launch::sh(
+        mode,
+        "if [ -e /dev/cot ] || [ -L /dev/cot ]; then echo present; else echo absent; fi",
+    )
+    .run()?;
+    ensure!(
+        ran.stdout == "absent\n" && ran.code == 0,
+        "stdout {:?}; outcome {}",
+        ran.stdout,
+        ran.outcome()
+    );
+    Ok(())
+}
+
+/// Only a socket is bound in: another host file named as the socket is a setup error.
+fn a_build_socket_must_be_an_existing_socket(mode: Mode) -> Verdict {
+    for (path, error) in [
+        ("/etc/passwd", "Socket operation on non-socket"),
+        ("/no/such/build.sock", "No such file or directory"),
+    ] {
+        let mut launch = Launch::new(mode, &["true"]);
+        launch
+            .extra_flags
+            .extend(["--socket".into(), path.to_string()]);
+        let ran = launch.run()?;
+        ensure!(ran.code == 125, "{path}: exit status {}", ran.code);
+        let expected = format!("sandbox setup failed: open the build socket on {path}: {error}");
+        ensure!(
+            ran.outcome().starts_with(&expected),
+            "reported {:?}, expected {expected:?}",
+            ran.outcome()
+        );
+    }
+    Ok(())
+}
+
 /// The prerequisite messages, provoked for real in a private mount namespace (or user
 /// namespace) of the caller role, so nothing changes for the rest of the machine.
 fn missing_fuse_device_is_explained() -> Verdict {
@@ -530,7 +688,7 @@ fn tests() -> Vec<Test> {
                 Box::new(move || outcome(mode, argv, expected, code)),
             ));
         }
-        let more: [(&str, ModeTest); 9] = [
+        let more: [(&str, ModeTest); 12] = [
             (
                 "concurrent_sandboxes_do_not_interfere",
                 concurrent_sandboxes_do_not_interfere,
@@ -559,6 +717,18 @@ fn tests() -> Vec<Test> {
             (
                 "launches_follow_each_other_in_one_process",
                 launches_follow_each_other_in_one_process,
+            ),
+            (
+                "the_build_socket_reaches_the_callers_listener",
+                the_build_socket_reaches_the_callers_listener,
+            ),
+            (
+                "without_a_build_socket_dev_cot_does_not_exist",
+                without_a_build_socket_dev_cot_does_not_exist,
+            ),
+            (
+                "a_build_socket_must_be_an_existing_socket",
+                a_build_socket_must_be_an_existing_socket,
             ),
             ("sigterm_to_the_caller_kills_the_tree", |mode| {
                 signal_to_the_caller(mode, Signal::SIGTERM)

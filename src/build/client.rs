@@ -1,0 +1,127 @@
+//! The thunk's side of a build: inside a thunk, `cot run`, `cot wait` and `cot __sh` (make's
+//! shell under `cot make`) talk to the build through the socket at `/dev/cot` instead of
+//! starting a sandbox of their own.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::protocol::{read_message, write_message, FromClient, ToClient};
+
+/// Where a thunk of a build reaches the build (see `cot_sandbox::BUILD_SOCKET`).
+pub const SOCKET: &str = "/dev/cot";
+
+/// The shell that runs recipe lines under `cot make`.
+pub const RECIPE_SHELL: &str = "/bin/sh";
+
+/// Whether this process runs inside a thunk of a build.
+pub fn inside_build() -> bool {
+    std::fs::metadata(SOCKET).is_ok_and(|m| m.file_type().is_socket())
+}
+
+fn call(request: &FromClient) -> anyhow::Result<ToClient> {
+    let mut stream = UnixStream::connect(SOCKET)
+        .with_context(|| format!("cannot reach the build at {SOCKET}"))?;
+    write_message(&mut stream, request).context("cannot send the request to the build")?;
+    read_message(&mut stream).context("the build did not answer")
+}
+
+/// The environment of a child request: this process's whole environment (the build already
+/// filtered the root's), with make's job-server and `-j` settings left out of `MAKEFLAGS`:
+/// they describe descriptors the child cannot use and must not make every recipe a new thunk
+/// when `-j` changes.
+pub fn request_env() -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .map(|(name, value)| {
+            if name == "MAKEFLAGS" || name == "MFLAGS" {
+                (name, super::make::sanitize_makeflags(&value))
+            } else {
+                (name, value)
+            }
+        })
+        .collect();
+    env.sort();
+    env
+}
+
+/// Requests a child thunk and waits for it (unless `background`): its stdout and stderr are
+/// written to ours, and its exit status is returned.
+pub fn run(
+    argv: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    target: Option<String>,
+    background: bool,
+) -> anyhow::Result<u8> {
+    let cwd: PathBuf = std::env::current_dir().context("cannot read the working directory")?;
+    let answer = call(&FromClient::Run {
+        argv,
+        env,
+        cwd,
+        target,
+        background,
+    })?;
+    deliver(answer)
+}
+
+/// `cot wait`: waits for every background child this thunk started.
+pub fn wait() -> anyhow::Result<u8> {
+    deliver(call(&FromClient::Wait)?)
+}
+
+fn deliver(answer: ToClient) -> anyhow::Result<u8> {
+    match answer {
+        ToClient::Started => Ok(0),
+        ToClient::Refused { message } => anyhow::bail!("{message}"),
+        ToClient::Done {
+            exit_code,
+            stdout,
+            stderr,
+            message,
+        } => {
+            // A closed stdout (the output piped into `head`) is not the build's failure.
+            let _ = std::io::stdout().write_all(&stdout);
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().write_all(&stderr);
+            if let Some(message) = message {
+                eprintln!("cot: {message}");
+            }
+            Ok(u8::try_from(exit_code).unwrap_or(u8::MAX))
+        }
+    }
+}
+
+/// `cot __sh --target TARGET -c LINE`: make's shell under `cot make`. Inside a build the recipe
+/// line becomes a child thunk `sh -c LINE`; outside one it simply runs.
+pub fn sh(args: &[OsString]) -> anyhow::Result<u8> {
+    let mut target = None;
+    let mut rest = args;
+    if rest.first().is_some_and(|a| a == "--target") {
+        // `$@` is empty in `$(shell ...)`: then "-c" follows directly.
+        match rest.get(1) {
+            Some(t) if t != "-c" => {
+                target = Some(t.to_string_lossy().into_owned());
+                rest = &rest[2..];
+            }
+            _ => rest = &rest[1..],
+        }
+    }
+    let line = match rest {
+        [flag, line] if flag == "-c" => line.clone(),
+        _ => anyhow::bail!(
+            "usage: cot __sh [--target TARGET] -c LINE (this is make's shell under `cot make`)"
+        ),
+    };
+    let argv = vec![OsString::from(RECIPE_SHELL), OsString::from("-c"), line];
+    if !inside_build() {
+        let status = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .status()
+            .with_context(|| format!("cannot run {RECIPE_SHELL}"))?;
+        return Ok(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)));
+    }
+    run(argv, request_env(), target, false)
+}

@@ -1,0 +1,505 @@
+//! The real [`World`] of a build: the trace store and content store of the project, the real
+//! file system, and a `cot __thunk` worker process for every thunk that runs.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{anyhow, Context};
+use globset::GlobSet;
+use parking_lot::Mutex;
+
+use super::engine::{
+    command_of, ChildOutcome, Executed, Known, Requests, Resolved, State, World, ROOT_PARENT,
+};
+use super::progress::Progress;
+use super::protocol::{read_message, write_message, ChildDone, FromWorker, Job};
+use crate::cas::Cas;
+use crate::engine::key::{thunk_key, Binds, Paths};
+use crate::engine::memo;
+use crate::engine::observe::{stat_tuple, CheckMode, FileStates, Observer};
+use crate::engine::Thunk;
+use crate::server::Client;
+use crate::store::model::{
+    BuildRecord, FileState, Input, Output, OutputState, StatTuple, StorePath, ThunkId, ThunkKey,
+    Trace, TraceId,
+};
+
+/// The environment variable telling the thunks of a build (`cot __make`) how many jobs run.
+pub const JOBS_ENV: &str = "COT_BUILD_JOBS";
+
+/// What every thunk of a build shares.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub project_root: PathBuf,
+    pub system_root: PathBuf,
+    pub writable: Vec<PathBuf>,
+    pub hide: Vec<String>,
+    pub rootless: bool,
+    pub store: PathBuf,
+    pub cas: PathBuf,
+    pub check: CheckMode,
+    pub no_passthrough: bool,
+    pub jobs: usize,
+    /// Inputs (absolute view paths, globs) whose changes never make a thunk run (cot.toml's
+    /// `ignore`).
+    pub ignore: GlobSet,
+}
+
+/// Store clients, one per thread that needs one at a time.
+struct Pool {
+    store: PathBuf,
+    clients: Mutex<Vec<Client>>,
+}
+
+impl Pool {
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let taken = self.clients.lock().pop();
+        let mut client = match taken {
+            Some(client) => client,
+            None => Client::connect(&self.store)?,
+        };
+        let result = f(&mut client);
+        // A client whose call failed may be out of step with its server: drop it.
+        if result.is_ok() {
+            self.clients.lock().push(client);
+        }
+        result
+    }
+}
+
+impl FileStates for Pool {
+    fn get(&self, real: &Path) -> Option<FileState> {
+        let path = real.as_os_str().as_bytes().to_vec();
+        self.with(|c| Ok(c.file_states(vec![path])?))
+            .ok()?
+            .pop()
+            .flatten()
+    }
+}
+
+/// The real world.
+pub struct RealWorld {
+    settings: Settings,
+    paths: Paths,
+    binds: Binds,
+    hidden: GlobSet,
+    pool: Pool,
+    cas: Cas,
+    exe: PathBuf,
+    progress: Progress,
+    /// Worker processes running, to forward a termination signal to.
+    workers: Mutex<HashSet<u32>>,
+    interrupted: AtomicBool,
+}
+
+impl RealWorld {
+    pub fn new(settings: Settings, progress: Progress) -> anyhow::Result<RealWorld> {
+        let paths = Paths::new(&settings.project_root);
+        let template = Thunk {
+            argv: Vec::new(),
+            env: Vec::new(),
+            cwd: settings.project_root.clone(),
+            system_root: settings.system_root.clone(),
+            writable: settings.writable.clone(),
+            hide: settings.hide.clone(),
+            rootless: settings.rootless,
+            target: None,
+        };
+        let binds = Binds::new(crate::engine::view_binds(
+            &template,
+            &settings.project_root,
+        )?);
+        let hidden = cot_fusefs::hide_set(&settings.hide)?;
+        let cas = Cas::open(&settings.cas)?;
+        let exe = std::env::current_exe().context("cannot find cot's own executable")?;
+        Ok(RealWorld {
+            pool: Pool {
+                store: settings.store.clone(),
+                clients: Mutex::new(Vec::new()),
+            },
+            settings,
+            paths,
+            binds,
+            hidden,
+            cas,
+            exe,
+            progress,
+            workers: Mutex::new(HashSet::new()),
+            interrupted: AtomicBool::new(false),
+        })
+    }
+
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// Stops starting thunks and passes `signal` on to the running workers (their sandboxes
+    /// end the commands, nothing of theirs is committed).
+    pub fn interrupt(&self, signal: nix::sys::signal::Signal) {
+        self.interrupted.store(true, Ordering::Relaxed);
+        for pid in self.workers.lock().iter() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(*pid).unwrap_or(i32::MAX));
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    }
+
+    fn observer(&self) -> Observer<'_> {
+        Observer::new(
+            &self.paths,
+            &self.binds,
+            self.settings.check,
+            &self.pool,
+            &self.hidden,
+        )
+    }
+
+    /// Saves the digests an observer computed, so the next check does not hash again.
+    fn keep_learned(&self, observer: &Observer<'_>) {
+        let learned = observer.take_learned();
+        if !learned.is_empty() {
+            let _ = self.pool.with(|c| Ok(c.put_file_states(learned)?));
+        }
+    }
+
+    /// The thunk a key describes, as the sandbox runs it.
+    fn thunk_of(&self, key: &ThunkKey) -> Thunk {
+        let mut env: Vec<(OsString, OsString)> =
+            key.env.iter().map(|(n, v)| (os(n), os(v))).collect();
+        env.push((JOBS_ENV.into(), self.settings.jobs.to_string().into()));
+        Thunk {
+            argv: key.argv.iter().map(|a| os(a)).collect(),
+            env,
+            cwd: self.paths.to_view(&key.cwd),
+            system_root: self.settings.system_root.clone(),
+            writable: self.settings.writable.clone(),
+            hide: self.settings.hide.clone(),
+            rootless: self.settings.rootless,
+            target: key
+                .target
+                .as_ref()
+                .map(|t| String::from_utf8_lossy(t).into_owned()),
+        }
+    }
+
+    /// The key of a thunk requested with this command line (its parent is set by the engine).
+    pub fn key_of(
+        &self,
+        argv: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        cwd: PathBuf,
+        target: Option<String>,
+    ) -> ThunkKey {
+        let thunk = Thunk {
+            argv,
+            env,
+            cwd,
+            system_root: self.settings.system_root.clone(),
+            writable: self.settings.writable.clone(),
+            hide: self.settings.hide.clone(),
+            rootless: self.settings.rootless,
+            target,
+        };
+        thunk_key(&thunk, &self.paths)
+    }
+
+    fn child_done(&self, request: u64, outcome: ChildOutcome) -> ChildDone {
+        let read = |digest| self.cas.read(digest).unwrap_or_default();
+        ChildDone {
+            request,
+            id: outcome.id,
+            exit_code: outcome.exit_code,
+            stdout_digest: outcome.stdout,
+            stderr_digest: outcome.stderr,
+            stdout: read(&outcome.stdout),
+            stderr: read(&outcome.stderr),
+            written: outcome
+                .writes
+                .keys()
+                .map(|p| self.paths.to_view(p))
+                .collect(),
+            writes: outcome.writes.into_iter().collect(),
+            message: outcome.message,
+        }
+    }
+
+    fn spawn_worker(&self) -> anyhow::Result<(std::process::Child, UnixStream)> {
+        let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
+        let child = Command::new(&self.exe)
+            .arg("__thunk")
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.exe.display()))?;
+        Ok((child, ours))
+    }
+}
+
+fn os(bytes: &[u8]) -> OsString {
+    OsStr::from_bytes(bytes).to_owned()
+}
+
+/// The trace of a thunk that was interrupted (nothing is recorded for it).
+fn interrupted_trace(exit_code: i32) -> Trace {
+    Trace {
+        inputs: Vec::new(),
+        outputs: Vec::new(),
+        stdout: crate::cas::hash_bytes(b""),
+        stderr: crate::cas::hash_bytes(b""),
+        exit_code,
+        duration_ns: 0,
+        ran_at_ns: 0,
+        children: Vec::new(),
+        events: Vec::new(),
+        internal: Vec::new(),
+    }
+}
+
+impl World for std::sync::Arc<RealWorld> {
+    fn thunk(&self, id: &ThunkId) -> anyhow::Result<Option<Known>> {
+        self.pool.with(|client| {
+            let Some(info) = client.thunk(*id)? else {
+                return Ok(None);
+            };
+            let traces = client.traces(*id)?;
+            Ok(Some((info.key, traces)))
+        })
+    }
+
+    fn check(&self, input: &Input, trace: &Trace) -> Option<String> {
+        if !self.settings.ignore.is_empty()
+            && self
+                .settings
+                .ignore
+                .is_match(self.paths.to_view(&input.path))
+        {
+            return None;
+        }
+        let observer = self.observer();
+        let change = memo::check_input(input, trace, &observer);
+        self.keep_learned(&observer);
+        change
+    }
+
+    fn holds(&self, path: &StorePath, state: &OutputState) -> bool {
+        let observer = self.observer();
+        let holds = observer
+            .output_holds(&self.paths.to_view(path), state)
+            .unwrap_or(false);
+        self.keep_learned(&observer);
+        holds
+    }
+
+    fn restore(&self, path: &StorePath, state: &OutputState) -> anyhow::Result<()> {
+        let observer = self.observer();
+        let output = Output {
+            path: path.clone(),
+            state: state.clone(),
+        };
+        memo::restore_output(&output, &self.cas, &observer)?;
+        Ok(())
+    }
+
+    fn remove(&self, path: &StorePath) -> anyhow::Result<()> {
+        let real = self.binds.real(&self.paths.to_view(path));
+        let result = match fs::symlink_metadata(&real) {
+            // A directory goes only when empty: something else may live in it now.
+            Ok(meta) if meta.is_dir() => fs::remove_dir(&real).or_else(|e| {
+                if e.raw_os_error() == Some(libc::ENOTEMPTY) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }),
+            Ok(_) => fs::remove_file(&real),
+            Err(_) => Ok(()),
+        };
+        result.with_context(|| format!("cannot delete stale output {}", real.display()))
+    }
+
+    fn execute(
+        &self,
+        _id: &ThunkId,
+        key: &ThunkKey,
+        requests: &dyn Requests,
+    ) -> anyhow::Result<Executed> {
+        if self.interrupted.load(Ordering::Relaxed) {
+            return Ok(Executed {
+                trace_id: [0; 32],
+                trace: interrupted_trace(130),
+                message: Some("not started: the build was interrupted".into()),
+                interrupted: true,
+            });
+        }
+        let thunk = self.thunk_of(key);
+        let command = command_of(key);
+        let (mut child, mut channel) = self.spawn_worker()?;
+        let pid = child.id();
+        self.workers.lock().insert(pid);
+        let job = Job {
+            argv: thunk.argv.clone(),
+            env: thunk.env.clone(),
+            cwd: thunk.cwd.clone(),
+            system_root: thunk.system_root.clone(),
+            writable: thunk.writable.clone(),
+            hide: thunk.hide.clone(),
+            rootless: thunk.rootless,
+            target: thunk.target.clone(),
+            key: key.clone(),
+            store: self.settings.store.clone(),
+            cas: self.settings.cas.clone(),
+            check: self.settings.check,
+            no_passthrough: self.settings.no_passthrough,
+            show_output: key.parent == Some((ROOT_PARENT, 0)),
+        };
+        let result = (|| -> anyhow::Result<Executed> {
+            write_message(&mut channel, &job).context("cannot send the job to its worker")?;
+            let writer = Mutex::new(channel.try_clone().context("cannot share the channel")?);
+            std::thread::scope(|scope| loop {
+                let message: FromWorker = read_message(&mut channel).map_err(|e| {
+                    anyhow!("the process running `{command}` ended without reporting ({e})")
+                })?;
+                match message {
+                    FromWorker::Child {
+                        request,
+                        argv,
+                        env,
+                        cwd,
+                        target,
+                    } => {
+                        let key = self.key_of(argv, env, cwd, target);
+                        let writer = &writer;
+                        scope.spawn(move || {
+                            let outcome = requests.request(key);
+                            let done = self.child_done(request, outcome);
+                            // The thunk may have ended meanwhile: nobody to tell.
+                            let _ = write_message(&mut *writer.lock(), &done);
+                        });
+                    }
+                    FromWorker::Finished {
+                        recorded,
+                        exit_code,
+                        message,
+                        interrupted,
+                    } => {
+                        return Ok(match recorded {
+                            Some((trace_id, trace)) => Executed {
+                                trace_id,
+                                trace: *trace,
+                                message,
+                                interrupted,
+                            },
+                            None => Executed {
+                                trace_id: [0; 32],
+                                trace: interrupted_trace(exit_code),
+                                message,
+                                interrupted: true,
+                            },
+                        });
+                    }
+                    FromWorker::Failed { message } => {
+                        return Err(anyhow!("{message}"));
+                    }
+                }
+            })
+        })();
+        let _ = child.wait();
+        self.workers.lock().remove(&pid);
+        result.with_context(|| format!("cannot run `{command}`"))
+    }
+
+    fn touch(&self, key: &ThunkKey, trace: &Trace) -> anyhow::Result<TraceId> {
+        let observer = self.observer();
+        let mut trace = trace.clone();
+        for input in &mut trace.inputs {
+            let view = self.paths.to_view(&input.path);
+            input.observed = observer
+                .observe(input.kind, &view, &HashSet::new())
+                .unwrap_or(crate::store::model::Observed::Absent);
+        }
+        trace.ran_at_ns = now_ns();
+        let learned = observer.take_learned();
+        self.pool
+            .with(|client| Ok(client.record(key.clone(), trace.clone(), learned)?))
+    }
+
+    fn snapshot(&self, paths: &[StorePath]) -> Vec<(StorePath, Option<StatTuple>)> {
+        paths
+            .iter()
+            .map(|path| {
+                let real = self.binds.real(&self.paths.to_view(path));
+                let stat = fs::symlink_metadata(&real).ok().map(|m| stat_tuple(&m));
+                (path.clone(), stat)
+            })
+            .collect()
+    }
+
+    fn record(&self, root: &ThunkId) -> anyhow::Result<Option<BuildRecord>> {
+        self.pool
+            .with(|client| Ok(client.build_record(*root)?.map(|r| *r)))
+    }
+
+    fn put_record(&self, root: &ThunkId, record: BuildRecord) -> anyhow::Result<()> {
+        self.pool
+            .with(|client| Ok(client.put_build_record(*root, record.clone())?))
+    }
+
+    fn resolved(&self, thunk: &Resolved) {
+        if !thunk.ran {
+            if let (State::Failed, Some(message)) = (thunk.state, &thunk.message) {
+                // cot itself failed for this thunk.
+                self.progress.failed(
+                    &command_of(&thunk.key),
+                    thunk.exit_code,
+                    format!("cot: {message}\n").as_bytes(),
+                );
+            }
+            return;
+        }
+        let command = command_of(&thunk.key);
+        let ok = thunk.exit_code == 0;
+        self.progress.finished(&command, ok, thunk.duration);
+        // Output nobody received (a thunk that ran for a replayed parent) is shown here.
+        let output =
+            |digest: &crate::store::model::Digest| self.cas.read(digest).unwrap_or_default();
+        let (stdout, stderr) = match &thunk.trace {
+            Some(trace) if !thunk.delivered => (output(&trace.stdout), output(&trace.stderr)),
+            _ => (Vec::new(), Vec::new()),
+        };
+        if thunk.state == State::Failed {
+            let mut said = stdout;
+            said.extend(stderr);
+            if let Some(message) = &thunk.message {
+                said.extend(format!("cot: {message}\n").into_bytes());
+            }
+            self.progress.failed(&command, thunk.exit_code, &said);
+        } else {
+            for text in [stdout, stderr] {
+                if !text.is_empty() {
+                    self.progress
+                        .println(String::from_utf8_lossy(&text).trim_end_matches('\n'));
+                }
+            }
+        }
+    }
+
+    fn started(&self, key: &ThunkKey) {
+        self.progress.add_total(1);
+        self.progress.started(&command_of(key));
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}

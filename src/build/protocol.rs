@@ -1,0 +1,110 @@
+//! The messages of a build: between cot's coordinator (`cot build`, `cot make`) and the
+//! worker process that runs one thunk (`cot __thunk`, over its stdin, a socket), and between
+//! that worker and the `cot run` / `cot wait` clients inside the thunk (over `/dev/cot`).
+//!
+//! Framing and encoding are the store server's (a little-endian u32 length, then postcard).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::observe::CheckMode;
+use crate::store::model::{Digest, ThunkKey, Trace, TraceId};
+
+pub(crate) use crate::server::{read_message, write_message};
+
+/// The coordinator's first message to a worker: what to run and how.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Job {
+    pub argv: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: PathBuf,
+    pub system_root: PathBuf,
+    pub writable: Vec<PathBuf>,
+    pub hide: Vec<String>,
+    pub rootless: bool,
+    pub target: Option<String>,
+    /// The key the trace is recorded under (with its parent).
+    pub key: ThunkKey,
+    pub store: PathBuf,
+    pub cas: PathBuf,
+    pub check: CheckMode,
+    pub no_passthrough: bool,
+    /// Copy the command's output to the worker's stdout and stderr as it comes (the root);
+    /// else it is only kept, and the coordinator delivers it.
+    pub show_output: bool,
+}
+
+/// From a worker to the coordinator.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// The thunk requests a child (a `cot run` inside it); `request` numbers it in this worker.
+    Child {
+        request: u64,
+        argv: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        cwd: PathBuf,
+        target: Option<String>,
+    },
+    /// The thunk ended and its trace is recorded (`None`: interrupted, nothing recorded).
+    Finished {
+        recorded: Option<(TraceId, Box<Trace>)>,
+        exit_code: i32,
+        message: Option<String>,
+        interrupted: bool,
+    },
+    /// cot itself failed running the thunk.
+    Failed { message: String },
+}
+
+/// From the coordinator to a worker: a child's result.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChildDone {
+    pub request: u64,
+    pub id: Digest,
+    pub exit_code: i32,
+    pub stdout_digest: Digest,
+    pub stderr_digest: Digest,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// Paths the child (and its descendants) wrote, as the thunk sees them, so that its view
+    /// shows them now.
+    pub written: Vec<PathBuf>,
+    pub writes: Vec<(
+        crate::store::model::StorePath,
+        crate::store::model::OutputState,
+    )>,
+    pub message: Option<String>,
+}
+
+/// From a client inside the thunk to its worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromClient {
+    /// `cot run [--bg] -- CMD` (or a recipe line through `cot __sh`).
+    Run {
+        argv: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        cwd: PathBuf,
+        target: Option<String>,
+        background: bool,
+    },
+    /// `cot wait`: every background child started so far.
+    Wait,
+}
+
+/// From a worker to a client.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToClient {
+    /// The child's (or, for `Wait`, the background children's) result.
+    Done {
+        exit_code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        message: Option<String>,
+    },
+    /// A background child was requested.
+    Started,
+    /// The request cannot be served.
+    Refused { message: String },
+}

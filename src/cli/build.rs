@@ -1,0 +1,766 @@
+//! `cot build`, `cot make`, `cot status`, `cot wait`, and the build's hidden helpers
+//! (`cot __thunk`, `cot __sh`, `cot __make`).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::build::coordinator::{RealWorld, Settings};
+use crate::build::engine::{self, Build, Mode, Options, Outcome, Resolved, State};
+use crate::build::progress::{Progress, Verbosity};
+use crate::build::report::{self, BuildReport, ThunkReport, ThunkState};
+use crate::engine::env::{thunk_env, EnvRule};
+use crate::engine::key::Paths;
+use crate::engine::observe::CheckMode;
+use crate::engine::Thunk;
+use crate::store::model::{StorePath, ThunkKey};
+
+/// The build script `cot build` runs when given none.
+pub const DEFAULT_SCRIPT: &str = "./Cotfile";
+
+/// The project's settings file.
+pub const CONFIG_FILE: &str = "cot.toml";
+
+/// Where the last build's root is remembered, for `cot status`.
+const LAST_BUILD: &str = "last-build";
+
+/// Options shared by `cot build` and `cot make`.
+#[derive(Debug, Args, Clone)]
+pub struct BuildOptions {
+    /// Run up to N thunks at once [default: the number of processors, or `jobs` in cot.toml]
+    #[arg(short, long, value_name = "N")]
+    jobs: Option<usize>,
+
+    /// Keep going after a thunk fails: run everything that does not depend on it
+    #[arg(short, long)]
+    keep_going: bool,
+
+    /// Print what would run and why; run nothing, change nothing
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+
+    /// Run nothing; exit 0 when everything is up to date, 1 when something would run
+    #[arg(short, long)]
+    question: bool,
+
+    /// Run thunks whose command (or make target) matches GLOB even if up to date; `-B` alone
+    /// runs every thunk (`*` matches anything, spaces and slashes included)
+    #[arg(short = 'B', long = "rebuild", value_name = "GLOB", num_args = 0..=1,
+          default_missing_value = "*", require_equals = true)]
+    rebuild: Vec<String>,
+
+    /// Do not run thunks whose command (or make target) matches GLOB this time: reuse their
+    /// last results as they are (repeatable)
+    #[arg(long, value_name = "GLOB")]
+    skip: Vec<String>,
+
+    /// Accept the current inputs as up to date: record them without running what changed
+    #[arg(short, long)]
+    touch: bool,
+
+    /// Change to DIR before doing anything (the project is found from there)
+    #[arg(short = 'C', long = "directory", value_name = "DIR")]
+    directory: Option<PathBuf>,
+
+    /// Say why each thunk ran or was reused, on stderr
+    #[arg(long)]
+    explain: bool,
+
+    /// Print every command that runs, with its time
+    #[arg(short, long, conflicts_with = "quiet")]
+    verbose: bool,
+
+    /// Print only failures
+    #[arg(long)]
+    quiet: bool,
+
+    /// Write a report of every thunk: FILE.json (timings, states, reasons), FILE.trace
+    /// (Chrome trace-event format, for Perfetto) or FILE.html (the thunk tree with inputs and
+    /// outputs)
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+
+    /// Restore PATH when it is damaged, even if no thunk that runs needs it (repeatable)
+    #[arg(long, value_name = "PATH")]
+    want: Vec<PathBuf>,
+
+    /// Keep the outputs of thunks no longer requested (by default they are deleted)
+    #[arg(long)]
+    keep_stale: bool,
+
+    /// Pass NAME from the caller's environment to the root thunk, or set NAME=VALUE
+    /// (repeatable); by default PATH, HOME, LANG, LC_*, TERM and TZ pass
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    env: Vec<OsString>,
+
+    /// Pass the caller's whole environment to the root thunk
+    #[arg(long)]
+    inherit_env: bool,
+
+    /// Make DIR writable too (repeatable)
+    #[arg(long, value_name = "DIR")]
+    writable: Vec<PathBuf>,
+
+    /// Make paths matching GLOB look absent to every thunk (repeatable)
+    #[arg(long, value_name = "GLOB")]
+    hide: Vec<String>,
+
+    /// Proxy DIR as the thunks' `/` instead of the real system
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    system_root: PathBuf,
+
+    /// Run the thunks in a user namespace even as root
+    #[arg(long)]
+    rootless: bool,
+
+    /// How to tell that a file changed
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = CheckMode::MtimeThenDigest)]
+    check: CheckMode,
+
+    /// Serve file data through cot instead of kernel FUSE passthrough
+    #[arg(long)]
+    no_passthrough: bool,
+
+    /// The trace store directory [default: <project>/.cot/store]
+    #[arg(long, value_name = "DIR", env = "COT_STORE")]
+    store: Option<PathBuf>,
+
+    /// The content store directory [default: <project>/.cot/cas]
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+}
+
+/// Run a build script as the root thunk; every `cot run` inside it is a thunk of the build
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Run a build script as the root thunk of a build.\n\n\
+The script is any executable (default ./Cotfile). Inside it, and inside anything it runs, \
+`cot run -- CMD` asks the build to run CMD as a child thunk and waits for it; `cot run --bg -- \
+CMD` starts one without waiting and `cot wait` waits for all started ones. cot re-runs only \
+what changed: a thunk whose recorded inputs still hold is not executed, its outputs are put back \
+if needed and the child thunks it requested are decided the same way, in the order it requested \
+them.\n\n\
+Outputs that were deleted or changed by hand are restored when the build produces them for \
+nobody else (its products) or when a thunk that runs needs them; otherwise they are reported as \
+damaged. Outputs of thunks that are no longer requested are deleted at the end (--keep-stale \
+keeps them).\n\n\
+Defaults can be set in cot.toml at the project root: jobs, hide, writable, env, ignore.\n\n\
+Exit status: 0 success; 1 a thunk failed (or, with -q, something would run); 2 usage error; \
+125 cot itself failed; 130 interrupted.",
+    after_help = "Examples:\n  cot build\n  cot build -j8 --report build.html ./ci/build.sh release\n  \
+cot build -n --explain"
+)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    options: BuildOptions,
+
+    /// The build script and its arguments [default: ./Cotfile]
+    #[arg(trailing_var_arg = true, value_name = "SCRIPT")]
+    script: Vec<OsString>,
+}
+
+/// Run GNU make with every recipe line as a thunk of a build
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "cot make",
+    long_about = "Run GNU make as the root thunk of a build, every recipe line as a child thunk \
+(make's SHELL is cot, recipes run with /bin/sh).\n\n\
+make is asked to request every recipe (-B, after it has remade its makefiles exactly as plain \
+make would), and cot's traces decide which actually run: an incremental build is right even when \
+the Makefile's prerequisites are incomplete. cot's options come first; everything from the first \
+argument cot does not know on goes to make (`cot make -j4 all CFLAGS=-O2`). -j, -k and -C apply \
+to both cot and make.",
+    after_help = "Examples:\n  cot make\n  cot make -j8 all\n  cot make --report make.html -C src check"
+)]
+pub struct MakeArgs {
+    #[command(flatten)]
+    options: BuildOptions,
+
+    /// Arguments for make: targets, variables, make's own options
+    #[arg(value_name = "MAKE ARGS")]
+    make_args: Vec<OsString>,
+}
+
+/// cot's options that take a value, as `cot make` must know them to tell where make's
+/// arguments begin.
+const VALUE_OPTIONS: [&str; 15] = [
+    "-j",
+    "-C",
+    "--jobs",
+    "--skip",
+    "--directory",
+    "--report",
+    "--want",
+    "--env",
+    "--writable",
+    "--hide",
+    "--system-root",
+    "--check",
+    "--store",
+    "--cache",
+    "--rebuild",
+];
+
+/// cot's options without a value.
+const FLAG_OPTIONS: [&str; 22] = [
+    "-k",
+    "-n",
+    "-q",
+    "-B",
+    "-t",
+    "-v",
+    "-h",
+    "--keep-going",
+    "--dry-run",
+    "--question",
+    "--touch",
+    "--explain",
+    "--verbose",
+    "--quiet",
+    "--keep-stale",
+    "--inherit-env",
+    "--rootless",
+    "--no-passthrough",
+    "--help",
+    "-kn",
+    "-nk",
+    "--rebuild",
+];
+
+/// Splits `cot make` arguments: cot's options first, everything from the first argument cot
+/// does not know (or after `--`) goes to make.
+pub fn split_make_args(args: &[OsString]) -> (Vec<OsString>, Vec<OsString>) {
+    let mut i = 0;
+    while i < args.len() {
+        let arg = args[i].to_string_lossy();
+        if arg == "--" {
+            return (args[..i].to_vec(), args[i + 1..].to_vec());
+        }
+        let name = arg.split('=').next().unwrap_or("");
+        let short_with_value = ["-j", "-C"]
+            .iter()
+            .any(|o| arg.starts_with(o) && arg.len() > 2);
+        if FLAG_OPTIONS.contains(&arg.as_ref())
+            || short_with_value
+            || arg.contains('=') && VALUE_OPTIONS.contains(&name)
+        {
+            i += 1;
+        } else if VALUE_OPTIONS.contains(&arg.as_ref()) {
+            i += 2;
+        } else {
+            break;
+        }
+    }
+    let i = i.min(args.len());
+    (args[..i].to_vec(), args[i..].to_vec())
+}
+
+/// `cot make ARGS`, parsed by hand: clap cannot stop at the first argument it does not know.
+pub fn make_main(args: Vec<OsString>) -> Result<u8> {
+    use clap::Parser;
+    let (ours, theirs) = split_make_args(&args);
+    let mut argv: Vec<OsString> = vec!["cot make".into()];
+    argv.extend(ours);
+    let mut parsed = match MakeArgs::try_parse_from(argv) {
+        Ok(parsed) => parsed,
+        Err(e) => e.exit(),
+    };
+    parsed.make_args.extend(theirs);
+    make(parsed)
+}
+
+/// Show the state of every thunk of the last build, without running anything
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Change to DIR first
+    #[arg(short = 'C', long = "directory", value_name = "DIR")]
+    directory: Option<PathBuf>,
+
+    /// List every thunk, clean ones too
+    #[arg(short, long)]
+    all: bool,
+}
+
+/// Inside a build: wait for the thunks started with `cot run --bg`
+#[derive(Debug, Args)]
+pub struct WaitArgs {}
+
+/// Settings from cot.toml.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    jobs: Option<usize>,
+    #[serde(default)]
+    hide: Vec<String>,
+    #[serde(default)]
+    writable: Vec<PathBuf>,
+    /// Variables passed to the root thunk (NAME or NAME=VALUE).
+    #[serde(default)]
+    env: Vec<String>,
+    /// Input paths (globs) whose changes never make a thunk run.
+    #[serde(default)]
+    ignore: Vec<String>,
+}
+
+fn load_config(root: &Path) -> Result<Config> {
+    let path = root.join(CONFIG_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("{}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+pub fn build(args: BuildArgs) -> Result<u8> {
+    let mut script = args.script;
+    if script.is_empty() {
+        script.push(DEFAULT_SCRIPT.into());
+    }
+    let program = PathBuf::from(&script[0]);
+    if program.components().count() > 1 && !program.exists() {
+        let dir = args.options.directory.clone().unwrap_or_else(|| ".".into());
+        bail!(
+            "no build script {} in {} (write one, e.g. `#!/bin/sh` then `cot run -- cc -c a.c`, \
+             or name another)",
+            program.display(),
+            dir.display()
+        );
+    }
+    start(args.options, script, "cot build")
+}
+
+pub fn make(args: MakeArgs) -> Result<u8> {
+    let exe = std::env::current_exe().context("cannot find cot's own executable")?;
+    let mut argv: Vec<OsString> = vec![exe.into_os_string(), "__make".into()];
+    if args.options.keep_going {
+        argv.push("-k".into());
+    }
+    argv.extend(args.make_args);
+    start(args.options, argv, "cot make")
+}
+
+/// Runs a build whose root thunk runs `argv`.
+fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
+    if crate::build::client::inside_build() {
+        bail!("{name} cannot run inside a thunk of a build; use `cot run -- CMD` there");
+    }
+    if let Some(dir) = &options.directory {
+        std::env::set_current_dir(dir)
+            .with_context(|| format!("cannot change to directory {}", dir.display()))?;
+    }
+    if let Some(path) = &options.report {
+        report::check_path(path)?;
+    }
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let project_root = crate::engine::project::find_root(&cwd);
+    let config = load_config(&project_root)?;
+    let jobs = options
+        .jobs
+        .or(config.jobs)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let mut env_args = options.env.clone();
+    env_args.extend(config.env.iter().map(OsString::from));
+    let rules = env_args
+        .iter()
+        .map(|arg| EnvRule::parse(arg))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let mut hide = config.hide.clone();
+    hide.extend(options.hide.clone());
+    let mut writable: Vec<PathBuf> = config
+        .writable
+        .iter()
+        .map(|w| project_root.join(w))
+        .collect();
+    writable.extend(options.writable.clone());
+    let rootless = options.rootless || !nix::unistd::geteuid().is_root();
+    let memo_options = crate::engine::memo::MemoOptions {
+        store: options.store.clone(),
+        cache: options.cache.clone(),
+        check: options.check,
+        no_cache: false,
+        cache_failures: false,
+    };
+    // Layers of runs that died are settled before anything is decided from the files.
+    crate::engine::project::recover_dead_layers(&project_root);
+    let (store, cas) = crate::engine::memo::store_dirs(&project_root, &memo_options);
+    let settings = Settings {
+        project_root: project_root.clone(),
+        system_root: options.system_root.clone(),
+        writable,
+        hide,
+        rootless,
+        store,
+        cas,
+        check: options.check,
+        no_passthrough: options.no_passthrough,
+        jobs,
+        ignore: crate::build::globs(&config.ignore)?,
+    };
+    let verbosity = if options.quiet || options.question {
+        Verbosity::Quiet
+    } else if options.verbose {
+        Verbosity::Verbose
+    } else {
+        Verbosity::Normal
+    };
+    let world = Arc::new(RealWorld::new(settings, Progress::from_env(verbosity))?);
+    let root = Thunk {
+        argv,
+        env: thunk_env(std::env::vars_os(), &rules, options.inherit_env),
+        cwd: cwd.clone(),
+        system_root: options.system_root.clone(),
+        writable: Vec::new(),
+        hide: Vec::new(),
+        rootless,
+        target: None,
+    };
+    let key = world.key_of(root.argv, root.env, root.cwd, None);
+    remember(&project_root, &key);
+
+    let mode = if options.dry_run || options.question {
+        Mode::DryRun
+    } else if options.touch {
+        Mode::Touch
+    } else {
+        Mode::Build
+    };
+    let paths = Paths::new(&project_root);
+    let engine_options = Options {
+        jobs,
+        keep_going: options.keep_going,
+        mode,
+        rebuild: if options.rebuild.is_empty() {
+            None
+        } else {
+            Some(crate::build::globs(&options.rebuild)?)
+        },
+        skip: if options.skip.is_empty() {
+            None
+        } else {
+            Some(crate::build::globs(&options.skip)?)
+        },
+        keep_stale: options.keep_stale,
+        want: options
+            .want
+            .iter()
+            .map(|w| paths.to_store(&absolute(&cwd, w)))
+            .collect(),
+    };
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let started = Instant::now();
+    let signals = block_signals()?;
+    {
+        let world = world.clone();
+        std::thread::spawn(move || {
+            while let Ok(signal) = signals.wait() {
+                world.interrupt(signal);
+            }
+        });
+    }
+    let build = Build::new(world.clone(), engine_options);
+    let outcome = build.run(key)?;
+    world.progress().done();
+
+    if options.dry_run || options.explain {
+        print_decisions(&outcome, options.dry_run, options.explain);
+    }
+    if !options.question {
+        summarize(&outcome, &paths);
+    }
+    if let Some(path) = &options.report {
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let report = build_report(
+            &outcome,
+            command,
+            &project_root,
+            started_unix_ms,
+            started.elapsed(),
+            jobs,
+        );
+        report::write(&report, path)?;
+    }
+    Ok(if options.question {
+        u8::from(outcome.would_run)
+    } else if outcome.interrupted {
+        130
+    } else if outcome
+        .thunks
+        .iter()
+        .any(|t| t.reason.starts_with("cot failed"))
+    {
+        crate::cli::EXIT_COT_FAILED
+    } else if outcome.exit_code != 0 {
+        1
+    } else {
+        0
+    })
+}
+
+fn absolute(cwd: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        cwd.join(path)
+    }
+}
+
+/// Blocks the termination signals in every thread (the threads started later inherit the
+/// mask) so that one thread can receive them and end the build cleanly.
+fn block_signals() -> Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
+    set.thread_block().context("cannot block signals")?;
+    Ok(set)
+}
+
+/// Keeps the root thunk's key, for `cot status`.
+fn remember(project_root: &Path, key: &ThunkKey) {
+    let dir = project_root.join(crate::engine::project::STATE_DIR);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        if let Ok(bytes) = postcard::to_stdvec(key) {
+            let _ = std::fs::write(dir.join(LAST_BUILD), bytes);
+        }
+    }
+}
+
+fn print_decisions(outcome: &Outcome, dry_run: bool, explain: bool) {
+    for thunk in &outcome.thunks {
+        let ran = thunk.ran || thunk.reason.starts_with("would run");
+        if (dry_run && !ran && !explain) || thunk.state == State::Stale && !explain {
+            continue;
+        }
+        eprintln!("cot: {}: {}", describe(thunk), thunk.reason);
+    }
+}
+
+fn describe(thunk: &Resolved) -> String {
+    let command = engine::command_of(&thunk.key);
+    match engine::target_of(&thunk.key) {
+        Some(target) => format!("{target} ({command})"),
+        None => command,
+    }
+}
+
+fn summarize(outcome: &Outcome, paths: &Paths) {
+    let show = |p: &StorePath| paths.to_view(p).display().to_string();
+    for path in &outcome.damaged {
+        eprintln!(
+            "cot: damaged: {} is not as the build left it; left alone (nothing that ran needed it; \
+             --want restores it)",
+            show(path)
+        );
+    }
+    let ran = outcome.thunks.iter().filter(|t| t.ran).count();
+    let failed = outcome
+        .thunks
+        .iter()
+        .filter(|t| t.state == State::Failed)
+        .count();
+    if outcome.unchanged {
+        eprintln!("cot: nothing to do: no input changed since the last build");
+    } else if ran == 0 && failed == 0 && !outcome.would_run {
+        eprintln!(
+            "cot: nothing to do: {} thunks up to date",
+            outcome
+                .thunks
+                .iter()
+                .filter(|t| t.state != State::Stale)
+                .count()
+        );
+    }
+    if !outcome.restored.is_empty() {
+        eprintln!(
+            "cot: restored {} outputs from the content store",
+            outcome.restored.len()
+        );
+    }
+    if !outcome.removed.is_empty() {
+        eprintln!(
+            "cot: deleted {} outputs of stale thunks",
+            outcome.removed.len()
+        );
+    }
+    if failed > 0 {
+        eprintln!("cot: {failed} thunks failed");
+    }
+}
+
+fn state_of(state: State) -> ThunkState {
+    match state {
+        State::New => ThunkState::New,
+        State::Dirty => ThunkState::Dirty,
+        State::Clean => ThunkState::Clean,
+        State::Damaged => ThunkState::Damaged,
+        State::Stale => ThunkState::Stale,
+        State::Skipped => ThunkState::Skipped,
+        State::Failed => ThunkState::Failed,
+    }
+}
+
+fn build_report(
+    outcome: &Outcome,
+    command: String,
+    project_root: &Path,
+    started_unix_ms: u64,
+    duration: std::time::Duration,
+    jobs: usize,
+) -> BuildReport {
+    let hex = |id: &[u8; 32]| crate::store::hex(id);
+    let show = engine::display_path;
+    BuildReport {
+        command,
+        project: project_root.display().to_string(),
+        started_unix_ms,
+        duration_ms: duration.as_secs_f64() * 1000.0,
+        jobs,
+        exit_code: outcome.exit_code,
+        thunks: outcome
+            .thunks
+            .iter()
+            .map(|t| ThunkReport {
+                id: hex(&t.id),
+                parent: t
+                    .parent
+                    .filter(|p| *p != engine::ROOT_PARENT)
+                    .map(|p| hex(&p)),
+                command: engine::command_of(&t.key),
+                target: engine::target_of(&t.key),
+                cwd: show(&t.key.cwd),
+                state: state_of(t.state),
+                reason: t.reason.clone(),
+                ran: t.ran,
+                exit_code: t.trace.as_ref().map(|_| t.exit_code),
+                start_ms: t.started.as_secs_f64() * 1000.0,
+                duration_ms: t.duration.as_secs_f64() * 1000.0,
+                inputs: t
+                    .trace
+                    .as_ref()
+                    .map(|tr| tr.inputs.iter().map(|i| show(&i.path)).collect())
+                    .unwrap_or_default(),
+                outputs: t
+                    .trace
+                    .as_ref()
+                    .map(|tr| tr.outputs.iter().map(|o| show(&o.path)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<u8> {
+    if let Some(dir) = &args.directory {
+        std::env::set_current_dir(dir)
+            .with_context(|| format!("cannot change to directory {}", dir.display()))?;
+    }
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let project_root = crate::engine::project::find_root(&cwd);
+    let last = project_root
+        .join(crate::engine::project::STATE_DIR)
+        .join(LAST_BUILD);
+    let bytes = std::fs::read(&last).with_context(|| {
+        format!(
+            "no build recorded in {} ({} missing): run `cot build` or `cot make` first",
+            project_root.display(),
+            last.display()
+        )
+    })?;
+    let key: ThunkKey = postcard::from_bytes(&bytes)
+        .with_context(|| format!("{} is not a build record", last.display()))?;
+    let config = load_config(&project_root)?;
+    let memo_options = crate::engine::memo::MemoOptions {
+        store: None,
+        cache: None,
+        check: CheckMode::MtimeThenDigest,
+        no_cache: false,
+        cache_failures: false,
+    };
+    let (store, cas) = crate::engine::memo::store_dirs(&project_root, &memo_options);
+    let options: Vec<u8> = key.options.clone();
+    let _ = options;
+    let settings = Settings {
+        project_root: project_root.clone(),
+        system_root: PathBuf::from(std::ffi::OsStr::new(
+            std::str::from_utf8(&key.system_root).unwrap_or("/"),
+        )),
+        writable: Vec::new(),
+        hide: config.hide.clone(),
+        rootless: !nix::unistd::geteuid().is_root(),
+        store,
+        cas,
+        check: CheckMode::MtimeThenDigest,
+        no_passthrough: false,
+        jobs: 1,
+        ignore: crate::build::globs(&config.ignore)?,
+    };
+    let world = Arc::new(RealWorld::new(
+        settings,
+        Progress::from_env(Verbosity::Quiet),
+    )?);
+    let build = Build::new(
+        world,
+        Options {
+            mode: Mode::DryRun,
+            ..Options::default()
+        },
+    );
+    let mut key = key;
+    key.parent = None;
+    let outcome = build.run(key)?;
+    let paths = Paths::new(&project_root);
+    if outcome.unchanged {
+        println!("up to date: no input changed since the last build");
+        for path in &outcome.damaged {
+            println!("damaged  {}", paths.to_view(path).display());
+        }
+        return Ok(0);
+    }
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for thunk in &outcome.thunks {
+        *counts.entry(thunk.state.name()).or_default() += 1;
+    }
+    let summary: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    println!("{}", summary.join(", "));
+    for thunk in &outcome.thunks {
+        if thunk.state != State::Clean || args.all {
+            println!(
+                "{:<8} {}: {}",
+                thunk.state.name(),
+                describe(thunk),
+                thunk.reason
+            );
+        }
+    }
+    for path in &outcome.damaged {
+        println!("damaged  {}", paths.to_view(path).display());
+    }
+    Ok(0)
+}
+
+pub fn wait(_args: WaitArgs) -> Result<u8> {
+    if !crate::build::client::inside_build() {
+        bail!("cot wait works inside a thunk of a build (`cot build`), where `cot run --bg` started thunks");
+    }
+    crate::build::client::wait()
+}
+
+/// `cot __make ARGS`: the root thunk of `cot make`, and make's `$(MAKE)` inside it.
+pub fn make_driver(args: Vec<OsString>) -> Result<u8> {
+    let exe = std::env::current_exe().context("cannot find cot's own executable")?;
+    let jobs = std::env::var(crate::build::coordinator::JOBS_ENV)
+        .ok()
+        .and_then(|j| j.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let code = crate::build::make::drive(&args, &exe, jobs)?;
+    Ok(u8::try_from(code).unwrap_or(2))
+}
