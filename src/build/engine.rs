@@ -29,6 +29,7 @@ use crate::store::thunk_id;
 
 /// The parent id of a build's root thunk: "requested by the build command itself". It keeps
 /// the root's traces apart from a plain `cot run` of the same command, whose key has no parent.
+/// The root's own children have it as their parent too (see [`Requests`]).
 pub const ROOT_PARENT: ThunkId = [0; 32];
 
 /// A thunk's key and its traces, most recently used first.
@@ -59,6 +60,11 @@ pub trait World: Send + Sync + 'static {
     fn touch(&self, key: &ThunkKey, trace: &Trace) -> anyhow::Result<TraceId>;
     /// The `lstat` of each path now, for the build record's snapshot.
     fn snapshot(&self, paths: &[StorePath]) -> Vec<(StorePath, Option<StatTuple>)>;
+    /// Whether every path of a snapshot is still as it says (the no-op fast path).
+    fn unchanged(&self, snapshot: &[(StorePath, Option<StatTuple>)]) -> bool {
+        let paths: Vec<StorePath> = snapshot.iter().map(|(p, _)| p.clone()).collect();
+        self.snapshot(&paths) == snapshot
+    }
     /// The record of the last build of `root`.
     fn record(&self, root: &ThunkId) -> anyhow::Result<Option<BuildRecord>>;
     fn put_record(&self, root: &ThunkId, record: BuildRecord) -> anyhow::Result<()>;
@@ -178,6 +184,8 @@ pub struct Options {
     pub keep_stale: bool,
     /// Outputs restored when damaged even if no thunk reads them (`--want`).
     pub want: Vec<StorePath>,
+    /// List every thunk even when nothing changed (for reports and `--explain`).
+    pub detail: bool,
 }
 
 impl Default for Options {
@@ -190,6 +198,7 @@ impl Default for Options {
             skip: None,
             keep_stale: false,
             want: Vec::new(),
+            detail: false,
         }
     }
 }
@@ -506,15 +515,48 @@ impl<W: World> Inner<W> {
         {
             return None;
         }
-        let paths: Vec<StorePath> = record.snapshot.iter().map(|(p, _)| p.clone()).collect();
-        let now = self.world.snapshot(&paths);
-        if now != record.snapshot {
+        if !self.world.unchanged(&record.snapshot) {
             return None;
+        }
+        // Listing the thunks needs their keys: loaded only when asked for (reports).
+        let mut thunks = Vec::new();
+        if options.detail {
+            let damaged: HashSet<&StorePath> = record.damaged.iter().collect();
+            for thunk in &record.thunks {
+                let Ok(Some((key, traces))) = self.world.thunk(&thunk.id) else {
+                    continue;
+                };
+                let trace = traces
+                    .into_iter()
+                    .find(|(id, _)| *id == thunk.trace)
+                    .map(|(_, t)| Arc::new(t));
+                let is_damaged = trace
+                    .as_ref()
+                    .is_some_and(|t| t.outputs.iter().any(|o| damaged.contains(&o.path)));
+                thunks.push(Resolved {
+                    id: thunk.id,
+                    parent: thunk.parent,
+                    key,
+                    state: if is_damaged {
+                        State::Damaged
+                    } else {
+                        State::Clean
+                    },
+                    reason: "no input changed since the last build".into(),
+                    ran: false,
+                    exit_code: 0,
+                    started: Duration::ZERO,
+                    duration: Duration::ZERO,
+                    trace,
+                    message: None,
+                    delivered: false,
+                });
+            }
         }
         Some(Outcome {
             exit_code: 0,
             interrupted: false,
-            thunks: Vec::new(),
+            thunks,
             damaged: record.damaged.clone(),
             restored: Vec::new(),
             removed: Vec::new(),
@@ -925,6 +967,9 @@ impl<W: World> Inner<W> {
         let requests = Running {
             build: self.clone(),
             id,
+            // The root's children are named as children of the build, not of its command
+            // line: `cot make` and `cot make check` share their recipes' thunks.
+            name: if parent.is_none() { ROOT_PARENT } else { id },
             occurrences: Mutex::new(HashMap::new()),
             waiting: Mutex::new(0),
         };
@@ -968,8 +1013,18 @@ impl<W: World> Inner<W> {
             id,
             parent,
             key,
-            state: if failed { State::Failed } else { state },
-            reason,
+            state: if executed.interrupted {
+                State::Skipped
+            } else if failed {
+                State::Failed
+            } else {
+                state
+            },
+            reason: if executed.interrupted {
+                format!("interrupted while running ({reason})")
+            } else {
+                reason
+            },
             ran: true,
             exit_code: trace.exit_code,
             started: run_started,
@@ -1344,6 +1399,8 @@ impl<W: World> Inner<W> {
 struct Running<W: World> {
     build: Arc<Inner<W>>,
     id: ThunkId,
+    /// The parent name its children get.
+    name: ThunkId,
     occurrences: Mutex<HashMap<ThunkKey, u32>>,
     /// Requests in flight; while there are any, the thunk's job slot is lent out.
     waiting: Mutex<usize>,
@@ -1358,7 +1415,7 @@ impl<W: World> Requests for Running<W> {
             *n += 1;
             occurrence
         };
-        key.parent = Some((self.id, occurrence));
+        key.parent = Some((self.name, occurrence));
         let id = thunk_id(&key);
         {
             let mut waiting = self.waiting.lock();

@@ -30,6 +30,14 @@ use crate::server::Client;
 
 /// Entry point of `cot __thunk`.
 pub fn main() -> anyhow::Result<u8> {
+    // Nothing outlives the build: if the coordinator dies (even by SIGKILL), so does this
+    // worker, and with it the sandbox (whose init dies with its parent).
+    let parent = nix::unistd::getppid();
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("cannot tie the worker to the build")?;
+    if nix::unistd::getppid() != parent {
+        anyhow::bail!("the build ended before its worker started");
+    }
     // The channel to the coordinator arrives as stdin; the command gets /dev/null instead.
     let channel = io::stdin()
         .as_fd()

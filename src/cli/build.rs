@@ -340,6 +340,10 @@ pub fn make(args: MakeArgs) -> Result<u8> {
     if args.options.keep_going {
         argv.push("-k".into());
     }
+    // cot says what runs; make would echo every recipe it requests, most of them reused.
+    if !args.options.verbose {
+        argv.push("-s".into());
+    }
     argv.extend(args.make_args);
     start(args.options, argv, "cot make")
 }
@@ -452,6 +456,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
             .iter()
             .map(|w| paths.to_store(&absolute(&cwd, w)))
             .collect(),
+        detail: options.report.is_some() || options.explain,
     };
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -591,7 +596,9 @@ fn summarize(outcome: &Outcome, paths: &Paths) {
             outcome.removed.len()
         );
     }
-    if failed > 0 {
+    if outcome.interrupted {
+        eprintln!("cot: interrupted; what was running was stopped and nothing of it committed");
+    } else if failed > 0 {
         eprintln!("cot: {failed} thunks failed");
     }
 }
