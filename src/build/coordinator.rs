@@ -443,20 +443,22 @@ impl World for std::sync::Arc<RealWorld> {
             .collect()
     }
 
-    fn unchanged(&self, snapshot: &[(StorePath, Option<StatTuple>)]) -> bool {
+    fn changed(&self, snapshot: &[(StorePath, Option<StatTuple>)]) -> Option<StorePath> {
         // Two threads: on a cold cache the lstat calls wait on the disk.
         let half = snapshot.len() / 2;
         let (a, b) = snapshot.split_at(half);
-        let same = |part: &[(StorePath, Option<StatTuple>)]| {
-            part.iter().all(|(path, stat)| {
-                let real = self.binds.real(&self.paths.to_view(path));
-                fs::symlink_metadata(&real).ok().map(|m| stat_tuple(&m)) == *stat
-            })
+        let first_changed = |part: &[(StorePath, Option<StatTuple>)]| {
+            part.iter()
+                .find(|(path, stat)| {
+                    let real = self.binds.real(&self.paths.to_view(path));
+                    fs::symlink_metadata(&real).ok().map(|m| stat_tuple(&m)) != *stat
+                })
+                .map(|(path, _)| path.clone())
         };
         std::thread::scope(|scope| {
-            let other = scope.spawn(|| same(b));
-            let first = same(a);
-            first && other.join().unwrap_or(false)
+            let other = scope.spawn(|| first_changed(b));
+            let first = first_changed(a);
+            first.or_else(|| other.join().ok().flatten())
         })
     }
 

@@ -22,7 +22,8 @@ use globset::GlobSet;
 use parking_lot::{Condvar, Mutex};
 
 use crate::store::model::{
-    BuildRecord, BuildThunk, ChildCall, Digest, FileKind, Input, Observed, OutputState, StatTuple,
+    BuildRecord, BuildThunk, ChildCall, Digest, FileKind, Input, Observed, Output, OutputState,
+    StatTuple,
     StorePath, SyncEvent, ThunkId, ThunkKey, Trace, TraceId,
 };
 use crate::store::thunk_id;
@@ -60,10 +61,15 @@ pub trait World: Send + Sync + 'static {
     fn touch(&self, key: &ThunkKey, trace: &Trace) -> anyhow::Result<TraceId>;
     /// The `lstat` of each path now, for the build record's snapshot.
     fn snapshot(&self, paths: &[StorePath]) -> Vec<(StorePath, Option<StatTuple>)>;
-    /// Whether every path of a snapshot is still as it says (the no-op fast path).
-    fn unchanged(&self, snapshot: &[(StorePath, Option<StatTuple>)]) -> bool {
+    /// The first path of a snapshot that is no longer as it says, if any (the no-op fast
+    /// path).
+    fn changed(&self, snapshot: &[(StorePath, Option<StatTuple>)]) -> Option<StorePath> {
         let paths: Vec<StorePath> = snapshot.iter().map(|(p, _)| p.clone()).collect();
-        self.snapshot(&paths) == snapshot
+        let now = self.snapshot(&paths);
+        now.into_iter()
+            .zip(snapshot)
+            .find(|(a, b)| a != *b)
+            .map(|(a, _)| a.0)
     }
     /// The record of the last build of `root`.
     fn record(&self, root: &ThunkId) -> anyhow::Result<Option<BuildRecord>>;
@@ -222,6 +228,8 @@ pub struct Outcome {
     pub unchanged: bool,
     /// Something would run (`--dry-run`), or ran.
     pub would_run: bool,
+    /// Why the build was not decided from its record alone: the first path found changed.
+    pub first_change: Option<StorePath>,
 }
 
 /// A command line for messages and patterns: a recipe line (`sh -c LINE`) is shown as LINE,
@@ -425,6 +433,11 @@ struct Shared {
     fresh: HashSet<TraceId>,
     restored: Vec<StorePath>,
     would_run: bool,
+    /// The first path found changed since the last build (why the fast path was not taken).
+    first_change: Option<StorePath>,
+    /// Paths this build changed on disk by running thunks: a replayed thunk that wrote one of
+    /// them puts its version back (it is not damage done by hand).
+    touched: HashSet<StorePath>,
 }
 
 struct Inner<W: World> {
@@ -464,6 +477,8 @@ impl<W: World> Build<W> {
                     fresh: HashSet::new(),
                     restored: Vec::new(),
                     would_run: false,
+                    first_change: None,
+                    touched: HashSet::new(),
                 }),
                 slots: Slots {
                     free: Mutex::new(jobs),
@@ -515,7 +530,8 @@ impl<W: World> Inner<W> {
         {
             return None;
         }
-        if !self.world.unchanged(&record.snapshot) {
+        if let Some(path) = self.world.changed(&record.snapshot) {
+            self.shared.lock().first_change = Some(path);
             return None;
         }
         // Listing the thunks needs their keys: loaded only when asked for (reports).
@@ -562,6 +578,7 @@ impl<W: World> Inner<W> {
             removed: Vec::new(),
             unchanged: true,
             would_run: false,
+            first_change: None,
         })
     }
 
@@ -784,6 +801,25 @@ impl<W: World> Inner<W> {
         }
         if materialize {
             self.materialize(&trace);
+        } else {
+            // A path that a thunk run in this build changed on disk is put back as this
+            // thunk left it (`rm -f lib.a` ran again; the `ar` after it is reused).
+            let touched: Vec<&Output> = {
+                let shared = self.shared.lock();
+                trace
+                    .outputs
+                    .iter()
+                    .filter(|o| shared.touched.contains(&o.path))
+                    .collect()
+            };
+            for output in touched {
+                if !self.world.holds(&output.path, &output.state) {
+                    match self.world.restore(&output.path, &output.state) {
+                        Ok(()) => self.shared.lock().restored.push(output.path.clone()),
+                        Err(e) => eprintln!("cot: {e:#}"),
+                    }
+                }
+            }
         }
         let reason = format!("valid trace: {} inputs unchanged", trace.inputs.len());
         let outcome = ChildOutcome {
@@ -930,7 +966,11 @@ impl<W: World> Inner<W> {
         for (path, state) in wanted {
             if !self.world.holds(&path, &state) {
                 match self.world.restore(&path, &state) {
-                    Ok(()) => self.shared.lock().restored.push(path),
+                    Ok(()) => {
+                        let mut shared = self.shared.lock();
+                        shared.touched.insert(path.clone());
+                        shared.restored.push(path);
+                    }
                     Err(e) => eprintln!("cot: {e:#}"),
                 }
             }
@@ -993,6 +1033,10 @@ impl<W: World> Inner<W> {
             self.stopping.store(true, Ordering::Relaxed);
         }
         self.apply(id, &trace);
+        self.shared
+            .lock()
+            .touched
+            .extend(trace.outputs.iter().map(|o| o.path.clone()));
         let mut writes = own_writes(&trace);
         // The children resolved while it ran wrote too.
         {
@@ -1223,6 +1267,8 @@ impl<W: World> Inner<W> {
                 fresh: HashSet::new(),
                 restored: Vec::new(),
                 would_run: false,
+                first_change: None,
+                touched: HashSet::new(),
             },
         );
         let dry = self.options.mode == Mode::DryRun;
@@ -1390,6 +1436,7 @@ impl<W: World> Inner<W> {
             removed,
             unchanged: false,
             would_run: shared.would_run,
+            first_change: shared.first_change,
         })
     }
 }

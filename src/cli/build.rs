@@ -476,6 +476,12 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
     world.progress().done();
 
     if options.dry_run || options.explain {
+        if let Some(path) = &outcome.first_change {
+            eprintln!(
+                "cot: deciding every thunk: {} changed since the last build",
+                paths.to_view(path).display()
+            );
+        }
         print_decisions(&outcome, options.dry_run, options.explain);
     }
     if !options.question {
