@@ -486,7 +486,8 @@ impl World for std::sync::Arc<RealWorld> {
         }
         let command = command_of(&thunk.key);
         if thunk.state == State::Skipped {
-            self.progress.println(&format!("cot: interrupted: {command}"));
+            self.progress
+                .println(&format!("cot: interrupted: {command}"));
             return;
         }
         let ok = thunk.exit_code == 0;

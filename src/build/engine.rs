@@ -23,8 +23,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::store::model::{
     BuildRecord, BuildThunk, ChildCall, Digest, FileKind, Input, Observed, Output, OutputState,
-    StatTuple,
-    StorePath, SyncEvent, ThunkId, ThunkKey, Trace, TraceId,
+    StatTuple, StorePath, SyncEvent, ThunkId, ThunkKey, Trace, TraceId,
 };
 use crate::store::thunk_id;
 
@@ -813,12 +812,7 @@ impl<W: World> Inner<W> {
                     .collect()
             };
             for output in touched {
-                if !self.world.holds(&output.path, &output.state) {
-                    match self.world.restore(&output.path, &output.state) {
-                        Ok(()) => self.shared.lock().restored.push(output.path.clone()),
-                        Err(e) => eprintln!("cot: {e:#}"),
-                    }
-                }
+                self.put_back(&output.path, &output.state);
             }
         }
         let reason = format!("valid trace: {} inputs unchanged", trace.inputs.len());
@@ -936,12 +930,23 @@ impl<W: World> Inner<W> {
     /// Puts a trace's outputs on disk where they differ.
     fn materialize(&self, trace: &Trace) {
         for output in &trace.outputs {
-            if !self.world.holds(&output.path, &output.state) {
-                match self.world.restore(&output.path, &output.state) {
-                    Ok(()) => self.shared.lock().restored.push(output.path.clone()),
-                    Err(e) => eprintln!("cot: {e:#}"),
-                }
+            self.put_back(&output.path, &output.state);
+        }
+    }
+
+    /// Puts `state` at `path` on disk unless it is there already; a failure is reported and
+    /// left to whoever reads the path.
+    fn put_back(&self, path: &StorePath, state: &OutputState) {
+        if self.world.holds(path, state) {
+            return;
+        }
+        match self.world.restore(path, state) {
+            Ok(()) => {
+                let mut shared = self.shared.lock();
+                shared.touched.insert(path.clone());
+                shared.restored.push(path.clone());
             }
+            Err(e) => eprintln!("cot: {e:#}"),
         }
     }
 
@@ -964,16 +969,7 @@ impl<W: World> Inner<W> {
                 .collect()
         };
         for (path, state) in wanted {
-            if !self.world.holds(&path, &state) {
-                match self.world.restore(&path, &state) {
-                    Ok(()) => {
-                        let mut shared = self.shared.lock();
-                        shared.touched.insert(path.clone());
-                        shared.restored.push(path);
-                    }
-                    Err(e) => eprintln!("cot: {e:#}"),
-                }
-            }
+            self.put_back(&path, &state);
         }
     }
 

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 
+use super::run::SandboxArgs;
 use crate::build::coordinator::{RealWorld, Settings};
 use crate::build::engine::{self, Build, Mode, Options, Outcome, Resolved, State};
 use crate::build::progress::{Progress, Verbosity};
@@ -93,46 +94,8 @@ pub struct BuildOptions {
     #[arg(long)]
     keep_stale: bool,
 
-    /// Pass NAME from the caller's environment to the root thunk, or set NAME=VALUE
-    /// (repeatable); by default PATH, HOME, LANG, LC_*, TERM and TZ pass
-    #[arg(long = "env", value_name = "NAME[=VALUE]")]
-    env: Vec<OsString>,
-
-    /// Pass the caller's whole environment to the root thunk
-    #[arg(long)]
-    inherit_env: bool,
-
-    /// Make DIR writable too (repeatable)
-    #[arg(long, value_name = "DIR")]
-    writable: Vec<PathBuf>,
-
-    /// Make paths matching GLOB look absent to every thunk (repeatable)
-    #[arg(long, value_name = "GLOB")]
-    hide: Vec<String>,
-
-    /// Proxy DIR as the thunks' `/` instead of the real system
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    system_root: PathBuf,
-
-    /// Run the thunks in a user namespace even as root
-    #[arg(long)]
-    rootless: bool,
-
-    /// How to tell that a file changed
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = CheckMode::MtimeThenDigest)]
-    check: CheckMode,
-
-    /// Serve file data through cot instead of kernel FUSE passthrough
-    #[arg(long)]
-    no_passthrough: bool,
-
-    /// The trace store directory [default: <project>/.cot/store]
-    #[arg(long, value_name = "DIR", env = "COT_STORE")]
-    store: Option<PathBuf>,
-
-    /// The content store directory [default: <project>/.cot/cas]
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 /// Run a build script as the root thunk; every `cot run` inside it is a thunk of the build
@@ -368,7 +331,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         .or(config.jobs)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let mut env_args = options.env.clone();
+    let mut env_args = options.sandbox.env.clone();
     env_args.extend(config.env.iter().map(OsString::from));
     let rules = env_args
         .iter()
@@ -376,18 +339,18 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let mut hide = config.hide.clone();
-    hide.extend(options.hide.clone());
+    hide.extend(options.sandbox.hide.clone());
     let mut writable: Vec<PathBuf> = config
         .writable
         .iter()
         .map(|w| project_root.join(w))
         .collect();
-    writable.extend(options.writable.clone());
-    let rootless = options.rootless || !nix::unistd::geteuid().is_root();
+    writable.extend(options.sandbox.writable.clone());
+    let rootless = options.sandbox.rootless || !nix::unistd::geteuid().is_root();
     let memo_options = crate::engine::memo::MemoOptions {
-        store: options.store.clone(),
-        cache: options.cache.clone(),
-        check: options.check,
+        store: options.sandbox.store.clone(),
+        cache: options.sandbox.cache.clone(),
+        check: options.sandbox.check,
         no_cache: false,
         cache_failures: false,
     };
@@ -396,14 +359,14 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
     let (store, cas) = crate::engine::memo::store_dirs(&project_root, &memo_options);
     let settings = Settings {
         project_root: project_root.clone(),
-        system_root: options.system_root.clone(),
+        system_root: options.sandbox.system_root.clone(),
         writable,
         hide,
         rootless,
         store,
         cas,
-        check: options.check,
-        no_passthrough: options.no_passthrough,
+        check: options.sandbox.check,
+        no_passthrough: options.sandbox.no_passthrough,
         jobs,
         ignore: crate::build::globs(&config.ignore)?,
     };
@@ -417,9 +380,9 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
     let world = Arc::new(RealWorld::new(settings, Progress::from_env(verbosity))?);
     let root = Thunk {
         argv,
-        env: thunk_env(std::env::vars_os(), &rules, options.inherit_env),
+        env: thunk_env(std::env::vars_os(), &rules, options.sandbox.inherit_env),
         cwd: cwd.clone(),
-        system_root: options.system_root.clone(),
+        system_root: options.sandbox.system_root.clone(),
         writable: Vec::new(),
         hide: Vec::new(),
         rootless,

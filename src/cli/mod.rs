@@ -5,7 +5,7 @@
 
 mod build;
 mod inspect;
-mod run;
+pub(crate) mod run;
 
 use std::process::ExitCode;
 

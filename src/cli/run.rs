@@ -39,50 +39,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     trace_out: Option<PathBuf>,
 
-    /// Pass NAME from the caller's environment, or set NAME=VALUE (repeatable); by default only
-    /// PATH, HOME, LANG, LC_*, TERM and TZ pass through
-    #[arg(long = "env", value_name = "NAME[=VALUE]")]
-    env: Vec<OsString>,
-
-    /// Pass the caller's whole environment
-    #[arg(long)]
-    inherit_env: bool,
-
-    /// Make DIR writable too (repeatable)
-    #[arg(long, value_name = "DIR")]
-    writable: Vec<PathBuf>,
-
-    /// Make paths matching GLOB look absent (repeatable); each attempt is recorded as "hidden".
-    /// Globs match absolute paths; `*` stops at `/`, `**` crosses directories
-    #[arg(long, value_name = "GLOB")]
-    hide: Vec<String>,
-
-    /// Proxy DIR as the sandbox's `/` instead of the real system (e.g. a minimal Debian root
-    /// for hermetic builds); the project directory stays visible at its own path
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    system_root: PathBuf,
-
-    /// Run in a user namespace even as root (automatic for other users)
-    #[arg(long)]
-    rootless: bool,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 
     /// Commit the command's writes even when it fails
     #[arg(long)]
     keep_failed: bool,
 
-    /// Serve file data through cot instead of kernel FUSE passthrough (slower; for comparison)
-    #[arg(long)]
-    no_passthrough: bool,
-
     /// Say why the command ran ("ran: src/util.h changed (content)") or why not ("cached: 214
     /// inputs unchanged, restored 2 outputs"), on stderr
     #[arg(long)]
     explain: bool,
-
-    /// How to tell that a file changed: its stat tuple (inode, size, mtime, ctime, mode), its
-    /// content digest, or the stat tuple first and the digest when that changed
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = CheckMode::MtimeThenDigest)]
-    check: CheckMode,
 
     /// Always run the command (its trace is still recorded)
     #[arg(long)]
@@ -91,14 +58,6 @@ pub struct RunArgs {
     /// Reuse the trace of a run that failed (by default only successful runs are reused)
     #[arg(long)]
     cache_failures: bool,
-
-    /// The trace store directory [default: <project>/.cot/store]
-    #[arg(long, value_name = "DIR", env = "COT_STORE")]
-    store: Option<PathBuf>,
-
-    /// The content store directory, which several projects may share [default: <project>/.cot/cas]
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
 
     /// Report what was recorded and how the view was served, on stderr
     #[arg(short, long)]
@@ -114,6 +73,55 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
+/// The options that say what thunks see and where their traces go, shared by `cot run`,
+/// `cot build` and `cot make`.
+#[derive(Debug, Args, Clone)]
+pub struct SandboxArgs {
+    /// Pass NAME from the caller's environment, or set NAME=VALUE (repeatable); by default only
+    /// PATH, HOME, LANG, LC_*, TERM and TZ pass through
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<OsString>,
+
+    /// Pass the caller's whole environment
+    #[arg(long)]
+    pub inherit_env: bool,
+
+    /// Make DIR writable too (repeatable)
+    #[arg(long, value_name = "DIR")]
+    pub writable: Vec<PathBuf>,
+
+    /// Make paths matching GLOB look absent (repeatable); each attempt is recorded as "hidden".
+    /// Globs match absolute paths; `*` stops at `/`, `**` crosses directories
+    #[arg(long, value_name = "GLOB")]
+    pub hide: Vec<String>,
+
+    /// Proxy DIR as the sandbox's `/` instead of the real system (e.g. a minimal Debian root
+    /// for hermetic builds); the project directory stays visible at its own path
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub system_root: PathBuf,
+
+    /// Run in a user namespace even as root (automatic for other users)
+    #[arg(long)]
+    pub rootless: bool,
+
+    /// Serve file data through cot instead of kernel FUSE passthrough (slower; for comparison)
+    #[arg(long)]
+    pub no_passthrough: bool,
+
+    /// How to tell that a file changed: its stat tuple (inode, size, mtime, ctime, mode), its
+    /// content digest, or the stat tuple first and the digest when that changed
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = CheckMode::MtimeThenDigest)]
+    pub check: CheckMode,
+
+    /// The trace store directory [default: <project>/.cot/store]
+    #[arg(long, value_name = "DIR", env = "COT_STORE")]
+    pub store: Option<PathBuf>,
+
+    /// The content store directory, which several projects may share [default: <project>/.cot/cas]
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
 pub fn run(args: RunArgs) -> Result<u8> {
     if crate::build::client::inside_build() {
         return nested(args);
@@ -124,20 +132,21 @@ pub fn run(args: RunArgs) -> Result<u8> {
         );
     }
     let rules = args
+        .sandbox
         .env
         .iter()
         .map(|arg| EnvRule::parse(arg))
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
-    let rootless = args.rootless || !nix::unistd::geteuid().is_root();
+    let rootless = args.sandbox.rootless || !nix::unistd::geteuid().is_root();
     let thunk = Thunk {
         argv: args.command,
-        env: thunk_env(std::env::vars_os(), &rules, args.inherit_env),
+        env: thunk_env(std::env::vars_os(), &rules, args.sandbox.inherit_env),
         cwd,
-        system_root: args.system_root,
-        writable: args.writable,
-        hide: args.hide,
+        system_root: args.sandbox.system_root,
+        writable: args.sandbox.writable,
+        hide: args.sandbox.hide,
         rootless,
         target: None,
     };
@@ -151,13 +160,13 @@ pub fn run(args: RunArgs) -> Result<u8> {
     };
     let options = RunOptions {
         keep_failed: args.keep_failed,
-        no_passthrough: args.no_passthrough,
+        no_passthrough: args.sandbox.no_passthrough,
         ..RunOptions::default()
     };
     let memo_options = MemoOptions {
-        store: args.store,
-        cache: args.cache,
-        check: args.check,
+        store: args.sandbox.store,
+        cache: args.sandbox.cache,
+        check: args.sandbox.check,
         no_cache: args.no_cache,
         cache_failures: args.cache_failures,
     };
@@ -202,18 +211,18 @@ pub fn run(args: RunArgs) -> Result<u8> {
 fn nested(args: RunArgs) -> Result<u8> {
     let refused = [
         (args.trace_out.is_some(), "--trace-out"),
-        (!args.writable.is_empty(), "--writable"),
-        (!args.hide.is_empty(), "--hide"),
+        (!args.sandbox.writable.is_empty(), "--writable"),
+        (!args.sandbox.hide.is_empty(), "--hide"),
         (
-            args.system_root != std::path::Path::new("/"),
+            args.sandbox.system_root != std::path::Path::new("/"),
             "--system-root",
         ),
-        (args.rootless, "--rootless"),
+        (args.sandbox.rootless, "--rootless"),
         (args.keep_failed, "--keep-failed"),
         (args.no_cache, "--no-cache"),
         (args.cache_failures, "--cache-failures"),
-        (args.store.is_some(), "--store"),
-        (args.cache.is_some(), "--cache"),
+        (args.sandbox.store.is_some(), "--store"),
+        (args.sandbox.cache.is_some(), "--cache"),
     ];
     if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
         anyhow::bail!(
@@ -222,6 +231,7 @@ fn nested(args: RunArgs) -> Result<u8> {
         );
     }
     let rules = args
+        .sandbox
         .env
         .iter()
         .map(|arg| EnvRule::parse(arg))
