@@ -38,6 +38,9 @@ use crate::store::model::{
 };
 use crate::store::Store;
 
+/// A thunk's key and traces, most recently used first.
+pub type KnownThunk = (ThunkKey, Vec<(TraceId, Trace)>);
+
 /// A server with no connection for this long exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 
@@ -76,6 +79,7 @@ pub enum Request {
     ReferencedDigests,
     FindThunk(String),
     BuildRecord(ThunkId),
+    Known(ThunkId),
     PutBuildRecord {
         root: ThunkId,
         record: Box<BuildRecord>,
@@ -101,6 +105,7 @@ pub enum Response {
     Digests(HashSet<Digest>),
     Found(ThunkId),
     BuildRecord(Option<Box<BuildRecord>>),
+    Known(Option<Box<KnownThunk>>),
     Error(String),
 }
 
@@ -183,6 +188,9 @@ fn handle(store: &Store, request: Request) -> Response {
         }),
         Request::ReferencedDigests => store.referenced_digests().map(Response::Digests),
         Request::FindThunk(prefix) => store.find_thunk(&prefix).map(Response::Found),
+        Request::Known(id) => store
+            .known(&id)
+            .map(|k| Response::Known(k.map(Box::new))),
         Request::BuildRecord(root) => store
             .build_record(&root)
             .map(|r| Response::BuildRecord(r.map(Box::new))),
@@ -410,6 +418,7 @@ client_methods! {
     referenced_digests() -> HashSet<Digest>
         = Request::ReferencedDigests => Response::Digests(v) => v;
     find_thunk(prefix: String) -> ThunkId = Request::FindThunk(prefix) => Response::Found(v) => v;
+    known(id: ThunkId) -> Option<Box<KnownThunk>> = Request::Known(id) => Response::Known(v) => v;
     build_record(root: ThunkId) -> Option<Box<BuildRecord>>
         = Request::BuildRecord(root) => Response::BuildRecord(v) => v;
     put_build_record(root: ThunkId, record: BuildRecord) -> ()

@@ -23,7 +23,7 @@ use super::protocol::{read_message, write_message, ChildDone, FromWorker, Job};
 use crate::cas::Cas;
 use crate::engine::key::{thunk_key, Binds, Paths};
 use crate::engine::memo;
-use crate::engine::observe::{stat_tuple, CheckMode, FileStates, Observer};
+use crate::engine::observe::{stat_tuple, CheckMode, FileStates, Observer, StatCache};
 use crate::engine::Thunk;
 use crate::server::Client;
 use crate::store::model::{
@@ -91,6 +91,8 @@ pub struct RealWorld {
     binds: Binds,
     hidden: GlobSet,
     pool: Pool,
+    /// `lstat`s of paths no thunk can change, shared by every check of the build.
+    stats: StatCache,
     cas: Cas,
     exe: PathBuf,
     progress: Progress,
@@ -119,7 +121,13 @@ impl RealWorld {
         let hidden = cot_fusefs::hide_set(&settings.hide)?;
         let cas = Cas::open(&settings.cas)?;
         let exe = std::env::current_exe().context("cannot find cot's own executable")?;
+        // What thunks can write: the project and the writable directories (as real paths),
+        // and the private /tmp of the view.
+        let mut volatile: Vec<PathBuf> = vec![binds.real(&settings.project_root)];
+        volatile.extend(settings.writable.iter().map(|w| binds.real(w)));
+        let stats = StatCache::new(volatile);
         Ok(RealWorld {
+            stats,
             pool: Pool {
                 store: settings.store.clone(),
                 clients: Mutex::new(Vec::new()),
@@ -162,6 +170,7 @@ impl RealWorld {
             &self.pool,
             &self.hidden,
         )
+        .with_stat_cache(&self.stats)
     }
 
     /// Saves the digests an observer computed, so the next check does not hash again.
@@ -266,13 +275,7 @@ fn interrupted_trace(exit_code: i32) -> Trace {
 
 impl World for std::sync::Arc<RealWorld> {
     fn thunk(&self, id: &ThunkId) -> anyhow::Result<Option<Known>> {
-        self.pool.with(|client| {
-            let Some(info) = client.thunk(*id)? else {
-                return Ok(None);
-            };
-            let traces = client.traces(*id)?;
-            Ok(Some((info.key, traces)))
-        })
+        self.pool.with(|client| Ok(client.known(*id)?.map(|known| *known)))
     }
 
     fn check(&self, input: &Input, trace: &Trace) -> Option<String> {
@@ -297,6 +300,57 @@ impl World for std::sync::Arc<RealWorld> {
             .unwrap_or(false);
         self.keep_learned(&observer);
         holds
+    }
+
+    fn holds_all(&self, outputs: &[(&StorePath, &OutputState)]) -> Vec<bool> {
+        // The digests of files whose type, size and mode match come from the store in one
+        // batch; only those whose stat tuple is unknown there are hashed.
+        let reals: Vec<PathBuf> = outputs
+            .iter()
+            .map(|(path, _)| self.binds.real(&self.paths.to_view(path)))
+            .collect();
+        let metas: Vec<Option<fs::Metadata>> =
+            reals.iter().map(|r| fs::symlink_metadata(r).ok()).collect();
+        let candidates: Vec<usize> = (0..outputs.len())
+            .filter(|&i| {
+                matches!(
+                    (outputs[i].1, &metas[i]),
+                    (OutputState::File { size, mode, .. }, Some(meta))
+                        if meta.is_file()
+                            && meta.len() == *size
+                            && std::os::unix::fs::PermissionsExt::mode(&meta.permissions())
+                                & 0o7777
+                                == mode & 0o7777
+                )
+            })
+            .collect();
+        let known = self
+            .pool
+            .with(|c| {
+                Ok(c.file_states(
+                    candidates
+                        .iter()
+                        .map(|&i| reals[i].as_os_str().as_bytes().to_vec())
+                        .collect(),
+                )?)
+            })
+            .unwrap_or_default();
+        let mut cached: std::collections::HashMap<usize, FileState> = Default::default();
+        for (i, state) in candidates.iter().zip(known) {
+            if let Some(state) = state {
+                cached.insert(*i, state);
+            }
+        }
+        (0..outputs.len())
+            .map(|i| match (outputs[i].1, &metas[i], cached.get(&i)) {
+                (OutputState::File { digest, .. }, Some(meta), Some(state))
+                    if state.stat == stat_tuple(meta) =>
+                {
+                    state.digest == *digest
+                }
+                (state, _, _) => self.holds(outputs[i].0, state),
+            })
+            .collect()
     }
 
     fn restore(&self, path: &StorePath, state: &OutputState) -> anyhow::Result<()> {
@@ -451,7 +505,8 @@ impl World for std::sync::Arc<RealWorld> {
             part.iter()
                 .find(|(path, stat)| {
                     let real = self.binds.real(&self.paths.to_view(path));
-                    fs::symlink_metadata(&real).ok().map(|m| stat_tuple(&m)) != *stat
+                    let now = fs::symlink_metadata(&real).ok().map(|m| stat_tuple(&m));
+                    !super::engine::same_stat(stat, &now)
                 })
                 .map(|(path, _)| path.clone())
         };

@@ -29,11 +29,39 @@ use crate::store::thunk_id;
 
 /// The parent id of a build's root thunk: "requested by the build command itself". It keeps
 /// the root's traces apart from a plain `cot run` of the same command, whose key has no parent.
-/// The root's own children have it as their parent too (see [`Requests`]).
 pub const ROOT_PARENT: ThunkId = [0; 32];
+
+/// The parent name of the root's own children: "the build", not the root's command line, so
+/// `cot make` and `cot make check` share their recipes' thunks.
+pub const BUILD_CHILDREN: ThunkId = [1; 32];
 
 /// A thunk's key and its traces, most recently used first.
 pub type Known = (ThunkKey, Vec<(TraceId, Trace)>);
+
+const TYPE_BITS: u32 = 0o170000;
+const DIRECTORY: u32 = 0o040000;
+
+/// How a build record keeps the `lstat` of a directory that no thunk listed: only its type and
+/// mode count (a file created or removed in it changes its times, not what the build read), so
+/// every other field is zero — which no real `lstat` gives (inode 0).
+fn type_only(stat: StatTuple) -> StatTuple {
+    StatTuple {
+        dev: 0,
+        ino: 0,
+        size: 0,
+        mtime_ns: 0,
+        ctime_ns: 0,
+        mode: stat.mode,
+    }
+}
+
+/// Whether a path is as a build record's snapshot says.
+pub fn same_stat(recorded: &Option<StatTuple>, now: &Option<StatTuple>) -> bool {
+    match (recorded, now) {
+        (Some(r), Some(n)) if r.ino == 0 && r.mode & TYPE_BITS == DIRECTORY => r.mode == n.mode,
+        _ => recorded == now,
+    }
+}
 
 /// What the engine needs of the outside world.
 pub trait World: Send + Sync + 'static {
@@ -44,6 +72,13 @@ pub trait World: Send + Sync + 'static {
     fn check(&self, input: &Input, trace: &Trace) -> Option<String>;
     /// Whether the real file system has `state` at `path`.
     fn holds(&self, path: &StorePath, state: &OutputState) -> bool;
+    /// [`World::holds`] for many paths at once (one round trip to the store where it can).
+    fn holds_all(&self, outputs: &[(&StorePath, &OutputState)]) -> Vec<bool> {
+        outputs
+            .iter()
+            .map(|(path, state)| self.holds(path, state))
+            .collect()
+    }
     /// Puts a recorded output on the real file system (from the content store).
     fn restore(&self, path: &StorePath, state: &OutputState) -> anyhow::Result<()>;
     /// Deletes the output of a stale thunk.
@@ -67,8 +102,8 @@ pub trait World: Send + Sync + 'static {
         let now = self.snapshot(&paths);
         now.into_iter()
             .zip(snapshot)
-            .find(|(a, b)| a != *b)
-            .map(|(a, _)| a.0)
+            .find(|(now, recorded)| !same_stat(&recorded.1, &now.1))
+            .map(|(now, _)| now.0)
     }
     /// The record of the last build of `root`.
     fn record(&self, root: &ThunkId) -> anyhow::Result<Option<BuildRecord>>;
@@ -419,6 +454,7 @@ impl Slots {
 }
 
 /// The build's shared state.
+#[derive(Default)]
 struct Shared {
     /// Values written in this build: path → (state, writer).
     keystate: HashMap<StorePath, (OutputState, ThunkId)>,
@@ -467,18 +503,7 @@ impl<W: World> Build<W> {
                 world,
                 options,
                 started: Instant::now(),
-                shared: Mutex::new(Shared {
-                    keystate: HashMap::new(),
-                    unknown: HashMap::new(),
-                    resolved: HashMap::new(),
-                    order: Vec::new(),
-                    ordered: HashSet::new(),
-                    fresh: HashSet::new(),
-                    restored: Vec::new(),
-                    would_run: false,
-                    first_change: None,
-                    touched: HashSet::new(),
-                }),
+                shared: Mutex::new(Shared::default()),
                 slots: Slots {
                     free: Mutex::new(jobs),
                     freed: Condvar::new(),
@@ -504,12 +529,50 @@ impl<W: World> Build<W> {
                 return Ok(outcome);
             }
         }
+        let outcome = inner.resolve(root, key.clone(), None, false);
+        let first = inner.finish(root, outcome, record)?;
+        if first.removed.is_empty() || first.interrupted || inner.options.mode == Mode::DryRun {
+            return Ok(first);
+        }
+        // Deleting the outputs of stale thunks may have changed what a thunk of this build
+        // read (a directory listing, `cc *.o`): decide once more, now that they are gone.
+        inner.reset();
+        let record = inner.world.record(&root)?;
         let outcome = inner.resolve(root, key, None, false);
-        inner.finish(root, outcome, record)
+        let mut second = inner.finish(root, outcome, record)?;
+        let ran_first: HashMap<ThunkId, Resolved> = first
+            .thunks
+            .into_iter()
+            .filter(|t| t.ran || t.state == State::Stale)
+            .map(|t| (t.id, t))
+            .collect();
+        for thunk in &mut second.thunks {
+            if !thunk.ran {
+                if let Some(earlier) = ran_first.get(&thunk.id) {
+                    *thunk = earlier.clone();
+                }
+            }
+        }
+        let listed: HashSet<ThunkId> = second.thunks.iter().map(|t| t.id).collect();
+        second.thunks.extend(
+            ran_first
+                .into_values()
+                .filter(|t| t.state == State::Stale && !listed.contains(&t.id)),
+        );
+        second.removed.extend(first.removed);
+        second.restored.extend(first.restored);
+        second.would_run |= first.would_run;
+        Ok(second)
     }
 }
 
 impl<W: World> Inner<W> {
+    /// Forgets everything decided, for another pass over the build.
+    fn reset(&self) {
+        *self.shared.lock() = Shared::default();
+        self.stopping.store(false, Ordering::Relaxed);
+    }
+
     fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
@@ -653,6 +716,18 @@ impl<W: World> Inner<W> {
         parent: Option<ThunkId>,
         materialize: bool,
     ) -> ChildOutcome {
+        self.resolve_known(id, key, None, parent, materialize)
+    }
+
+    /// [`Inner::resolve`] with the thunk's traces when they are loaded already.
+    fn resolve_known(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: ThunkKey,
+        traces: Option<Vec<(TraceId, Trace)>>,
+        parent: Option<ThunkId>,
+        materialize: bool,
+    ) -> ChildOutcome {
         let started = self.elapsed();
         {
             // Reports list thunks in request order, parents before their children.
@@ -661,9 +736,12 @@ impl<W: World> Inner<W> {
                 shared.order.push(id);
             }
         }
-        let traces = match self.world.thunk(&id) {
-            Ok(found) => found.map(|(_, traces)| traces).unwrap_or_default(),
-            Err(e) => return self.failed(id, key, parent, started, format!("{e:#}")),
+        let traces = match traces {
+            Some(traces) => traces,
+            None => match self.world.thunk(&id) {
+                Ok(found) => found.map(|(_, traces)| traces).unwrap_or_default(),
+                Err(e) => return self.failed(id, key, parent, started, format!("{e:#}")),
+            },
         };
         let skip = Self::matches(&self.options.skip, &key);
         let decision = if Self::matches(&self.options.rebuild, &key) && !skip {
@@ -718,11 +796,11 @@ impl<W: World> Inner<W> {
         parent: ThunkId,
         materialize: bool,
     ) -> Option<ChildOutcome> {
-        let key = match self.world.thunk(&id) {
-            Ok(Some((key, _))) => key,
+        let (key, traces) = match self.world.thunk(&id) {
+            Ok(Some(known)) => known,
             _ => return None,
         };
-        Some(self.resolve(id, key, Some(parent), materialize))
+        Some(self.resolve_known(id, key, Some(traces), Some(parent), materialize))
     }
 
     /// A thunk with a valid trace: its writes enter the keystate, its children are replayed.
@@ -1005,7 +1083,7 @@ impl<W: World> Inner<W> {
             id,
             // The root's children are named as children of the build, not of its command
             // line: `cot make` and `cot make check` share their recipes' thunks.
-            name: if parent.is_none() { ROOT_PARENT } else { id },
+            name: if parent.is_none() { BUILD_CHILDREN } else { id },
             occurrences: Mutex::new(HashMap::new()),
             waiting: Mutex::new(0),
         };
@@ -1252,21 +1330,7 @@ impl<W: World> Inner<W> {
         last: Option<BuildRecord>,
     ) -> anyhow::Result<Outcome> {
         let interrupted = self.interrupted.load(Ordering::Relaxed);
-        let mut shared = std::mem::replace(
-            &mut *self.shared.lock(),
-            Shared {
-                keystate: HashMap::new(),
-                unknown: HashMap::new(),
-                resolved: HashMap::new(),
-                order: Vec::new(),
-                ordered: HashSet::new(),
-                fresh: HashSet::new(),
-                restored: Vec::new(),
-                would_run: false,
-                first_change: None,
-                touched: HashSet::new(),
-            },
-        );
+        let mut shared = std::mem::take(&mut *self.shared.lock());
         let dry = self.options.mode == Mode::DryRun;
         // Every path some thunk of this build read: an output nobody reads is a product of the
         // build, restored when damaged; the others only when a thunk that runs needs them.
@@ -1289,11 +1353,17 @@ impl<W: World> Inner<W> {
         let mut damaged = Vec::new();
         let mut restored = std::mem::take(&mut shared.restored);
         let mut damaged_writers: HashSet<ThunkId> = HashSet::new();
-        let mut keystate: Vec<(&StorePath, &(OutputState, ThunkId))> =
-            shared.keystate.iter().collect();
+        let mut keystate: Vec<(&StorePath, &(OutputState, ThunkId))> = shared
+            .keystate
+            .iter()
+            .filter(|(path, _)| !shared.unknown.contains_key(*path))
+            .collect();
         keystate.sort_by(|a, b| a.0.cmp(b.0));
-        for (path, (state, writer)) in keystate {
-            if shared.unknown.contains_key(path) || self.world.holds(path, state) {
+        let pairs: Vec<(&StorePath, &OutputState)> =
+            keystate.iter().map(|(path, (state, _))| (*path, state)).collect();
+        let holding = self.world.holds_all(&pairs);
+        for ((path, (state, writer)), holds) in keystate.into_iter().zip(holding) {
+            if holds {
                 continue;
             }
             let wanted = !read.contains(path) || self.options.want.contains(path);
@@ -1410,7 +1480,24 @@ impl<W: World> Inner<W> {
             }
             let mut paths: Vec<StorePath> = paths.into_iter().collect();
             paths.sort();
-            let snapshot = self.world.snapshot(&paths);
+            let listed: HashSet<&StorePath> = thunks
+                .iter()
+                .filter_map(|t| t.trace.as_ref())
+                .flat_map(|t| t.inputs.iter().chain(&t.internal))
+                .filter(|i| i.kind == crate::store::model::InputKind::Readdir)
+                .map(|i| &i.path)
+                .collect();
+            let snapshot = self
+                .world
+                .snapshot(&paths)
+                .into_iter()
+                .map(|(path, stat)| match stat {
+                    Some(stat) if stat.mode & TYPE_BITS == DIRECTORY && !listed.contains(&path) => {
+                        (path, Some(type_only(stat)))
+                    }
+                    other => (path, other),
+                })
+                .collect();
             self.world.put_record(
                 &root,
                 BuildRecord {

@@ -904,3 +904,27 @@ fn nested_children_with_one_job_do_not_deadlock() {
     assert_eq!(report.exit_code, 0);
     assert_eq!(fake.value("l2.out"), 2);
 }
+
+#[test]
+fn deleting_stale_outputs_reruns_what_read_them() {
+    let fake = project(
+        &[
+            ("root", "run a\nrun b\nrun link"),
+            ("a", "write a.o = 1"),
+            ("b", "write b.o = 2"),
+            ("link", "write prog = a.o + b.o"),
+        ],
+        &[],
+    );
+    build(&fake, "root");
+    assert_eq!(fake.value("prog"), 3);
+    fake.set(&script_path("root"), "run a\nrun link");
+    let report = build(&fake, "root");
+    // b is stale: b.o goes, and the link, which read it, runs again in a second pass.
+    assert_eq!(report.removed, set_of(&["b.o"]));
+    assert_eq!(report.states["b"], State::Stale);
+    assert!(report.ran.contains(&"link".to_string()), "{:?}", report.ran);
+    assert_eq!(fake.value("prog"), 1, "as a clean build of the new script makes it");
+    // And the build after that has nothing to do.
+    assert!(build(&fake, "root").ran.is_empty());
+}

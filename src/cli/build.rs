@@ -644,9 +644,9 @@ pub fn status(args: StatusArgs) -> Result<u8> {
     let last = project_root
         .join(crate::engine::project::STATE_DIR)
         .join(LAST_BUILD);
-    let bytes = std::fs::read(&last).with_context(|| {
-        format!(
-            "no build recorded in {} ({} missing): run `cot build` or `cot make` first",
+    let bytes = std::fs::read(&last).map_err(|_| {
+        anyhow::anyhow!(
+            "no build recorded in {} ({} is missing): run `cot build` or `cot make` first",
             project_root.display(),
             last.display()
         )

@@ -90,6 +90,32 @@ pub struct Observer<'a> {
     /// `lstat` results of this observer's life: one decision checks a path's `stat` and
     /// `read` inputs against one look at it.
     seen: Mutex<std::collections::HashMap<PathBuf, fs::Metadata>>,
+    /// `lstat` results shared by every observer of a build, for paths no thunk can write.
+    stable: Option<&'a StatCache>,
+}
+
+/// `lstat` results shared by the observers of one build, for paths that no thunk of the build
+/// can change (outside the project and the writable directories): a build's thousand
+/// compiles look at the same system headers once.
+#[derive(Debug, Default)]
+pub struct StatCache {
+    map: Mutex<std::collections::HashMap<PathBuf, fs::Metadata>>,
+    /// Real paths under which nothing is cached.
+    volatile: Vec<PathBuf>,
+}
+
+impl StatCache {
+    /// A cache that never keeps paths under `volatile` (real paths).
+    pub fn new(volatile: Vec<PathBuf>) -> StatCache {
+        StatCache {
+            map: Mutex::new(std::collections::HashMap::new()),
+            volatile,
+        }
+    }
+
+    fn keeps(&self, real: &Path) -> bool {
+        !self.volatile.iter().any(|v| real.starts_with(v))
+    }
 }
 
 /// The stat tuple of a file's metadata.
@@ -139,15 +165,29 @@ impl<'a> Observer<'a> {
             hashes: AtomicU64::new(0),
             learned: Mutex::new(Vec::new()),
             seen: Mutex::new(std::collections::HashMap::new()),
+            stable: None,
         }
+    }
+
+    /// Shares `cache` with the other observers of a build.
+    pub fn with_stat_cache(mut self, cache: &'a StatCache) -> Observer<'a> {
+        self.stable = Some(cache);
+        self
     }
 
     fn lstat(&self, real: &Path) -> io::Result<fs::Metadata> {
         if let Some(meta) = self.seen.lock().get(real) {
             return Ok(meta.clone());
         }
+        let stable = self.stable.filter(|cache| cache.keeps(real));
+        if let Some(meta) = stable.and_then(|cache| cache.map.lock().get(real).cloned()) {
+            return Ok(meta);
+        }
         let meta = fs::symlink_metadata(real)?;
         self.seen.lock().insert(real.to_path_buf(), meta.clone());
+        if let Some(cache) = stable {
+            cache.map.lock().insert(real.to_path_buf(), meta.clone());
+        }
         Ok(meta)
     }
 

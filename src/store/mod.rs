@@ -441,6 +441,21 @@ impl Store {
         Ok(traces)
     }
 
+    /// A thunk's key and its kept traces, most recently used first, from one snapshot.
+    pub fn known(&self, id: &ThunkId) -> Result<Option<(ThunkKey, Vec<(TraceId, Trace)>)>, Error> {
+        let snapshot = self.db.snapshot();
+        let mut opts = ReadOptions::default();
+        opts.set_snapshot(&snapshot);
+        let Some(info) = self.get_value::<ThunkInfo>(THUNKS, id, &opts)? else {
+            return Ok(None);
+        };
+        let mut traces = Vec::with_capacity(info.traces.len());
+        for trace in &info.traces {
+            traces.push((*trace, self.kept_trace(id, trace, &opts)?));
+        }
+        Ok(Some((info.key, traces)))
+    }
+
     /// A trace that the thunk's row lists, which must therefore exist.
     fn kept_trace(
         &self,

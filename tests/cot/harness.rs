@@ -383,3 +383,31 @@ pub fn chown_tree(root: &Path, uid: u32, gid: u32) {
         .unwrap();
     assert!(status.success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Added for tests/cot/build.rs: any `cot` subcommand (not only `cot run`) as the test user.
+
+/// Runs `cot ARGS...` (the shared copy of the binary) as the unprivileged test user in
+/// `project`, after giving the project to that user.
+pub fn cot_as_test_user(project: &Project, args: &[&str]) -> Run {
+    let (uid, gid) = test_user();
+    chown_tree(project.root(), uid, gid);
+    let output = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(shared_cot_bin())
+        .args(args)
+        .current_dir(project.root())
+        .env("HOME", project.root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run {
+        status: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        trace: Vec::new(),
+    }
+}

@@ -5,6 +5,8 @@
 
 mod harness;
 
+mod autotools;
+mod build;
 mod crash;
 mod inspect;
 mod isolation;
