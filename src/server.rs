@@ -188,9 +188,7 @@ fn handle(store: &Store, request: Request) -> Response {
         }),
         Request::ReferencedDigests => store.referenced_digests().map(Response::Digests),
         Request::FindThunk(prefix) => store.find_thunk(&prefix).map(Response::Found),
-        Request::Known(id) => store
-            .known(&id)
-            .map(|k| Response::Known(k.map(Box::new))),
+        Request::Known(id) => store.known(&id).map(|k| Response::Known(k.map(Box::new))),
         Request::BuildRecord(root) => store
             .build_record(&root)
             .map(|r| Response::BuildRecord(r.map(Box::new))),

@@ -275,7 +275,8 @@ fn interrupted_trace(exit_code: i32) -> Trace {
 
 impl World for std::sync::Arc<RealWorld> {
     fn thunk(&self, id: &ThunkId) -> anyhow::Result<Option<Known>> {
-        self.pool.with(|client| Ok(client.known(*id)?.map(|known| *known)))
+        self.pool
+            .with(|client| Ok(client.known(*id)?.map(|known| *known)))
     }
 
     fn check(&self, input: &Input, trace: &Trace) -> Option<String> {

@@ -458,8 +458,8 @@ impl Slots {
 struct Shared {
     /// Values written in this build: path → (state, writer).
     keystate: HashMap<StorePath, (OutputState, ThunkId)>,
-    /// Paths whose value a simulated (`--dry-run`) thunk would change.
-    unknown: HashMap<StorePath, ThunkId>,
+    /// Paths whose value a simulated (`--dry-run`) thunk would change, with its command.
+    unknown: HashMap<StorePath, String>,
     /// Thunks resolved, by id, with their position in `order`.
     resolved: HashMap<ThunkId, Resolved>,
     order: Vec<ThunkId>,
@@ -679,9 +679,8 @@ impl<W: World> Inner<W> {
                 let shared = self.shared.lock();
                 if let Some(writer) = shared.unknown.get(&input.path) {
                     return Some(format!(
-                        "{} would be rebuilt (by {})",
+                        "{} would be rebuilt (by `{writer}`)",
                         display_path(&input.path),
-                        crate::store::hex(&writer[..4])
                     ));
                 }
                 shared
@@ -1178,8 +1177,9 @@ impl<W: World> Inner<W> {
         if let Some((_, trace)) = &latest {
             {
                 let mut shared = self.shared.lock();
+                let command = command_of(&key);
                 for output in &trace.outputs {
-                    shared.unknown.insert(output.path.clone(), id);
+                    shared.unknown.insert(output.path.clone(), command.clone());
                 }
             }
             outcome.exit_code = trace.exit_code;
@@ -1359,8 +1359,10 @@ impl<W: World> Inner<W> {
             .filter(|(path, _)| !shared.unknown.contains_key(*path))
             .collect();
         keystate.sort_by(|a, b| a.0.cmp(b.0));
-        let pairs: Vec<(&StorePath, &OutputState)> =
-            keystate.iter().map(|(path, (state, _))| (*path, state)).collect();
+        let pairs: Vec<(&StorePath, &OutputState)> = keystate
+            .iter()
+            .map(|(path, (state, _))| (*path, state))
+            .collect();
         let holding = self.world.holds_all(&pairs);
         for ((path, (state, writer)), holds) in keystate.into_iter().zip(holding) {
             if holds {

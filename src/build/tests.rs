@@ -924,7 +924,11 @@ fn deleting_stale_outputs_reruns_what_read_them() {
     assert_eq!(report.removed, set_of(&["b.o"]));
     assert_eq!(report.states["b"], State::Stale);
     assert!(report.ran.contains(&"link".to_string()), "{:?}", report.ran);
-    assert_eq!(fake.value("prog"), 1, "as a clean build of the new script makes it");
+    assert_eq!(
+        fake.value("prog"),
+        1,
+        "as a clean build of the new script makes it"
+    );
     // And the build after that has nothing to do.
     assert!(build(&fake, "root").ran.is_empty());
 }

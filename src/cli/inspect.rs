@@ -11,7 +11,9 @@ use crate::engine::inspect::Project;
 use crate::engine::memo::MemoOptions;
 use crate::engine::observe::CheckMode;
 use crate::store::hex;
-use crate::store::model::{Input, Observed, Output, OutputState, StorePath, ThunkInfo, Trace};
+use crate::store::model::{
+    Input, Observed, Output, OutputState, StorePath, SyncEvent, ThunkInfo, Trace,
+};
 
 /// Where the stores are (shared by the inspecting subcommands).
 #[derive(Debug, Args)]
@@ -175,6 +177,12 @@ fn trace_json(id: &[u8], trace: &Trace) -> Value {
         "stderr": hex(&trace.stderr),
         "inputs": trace.inputs.iter().map(input_json).collect::<Vec<_>>(),
         "outputs": trace.outputs.iter().map(output_json).collect::<Vec<_>>(),
+        "children": trace.children.iter().map(|c| json!({"thunk": hex(&c.id), "exit_code": c.exit_code})).collect::<Vec<_>>(),
+        "events": trace.events.iter().map(|e| match e {
+            SyncEvent::Start(i) => format!("start {i}"),
+            SyncEvent::End(i) => format!("end {i}"),
+        }).collect::<Vec<_>>(),
+        "internal": trace.internal.iter().map(input_json).collect::<Vec<_>>(),
     })
 }
 
@@ -232,6 +240,12 @@ pub fn show(args: ShowArgs) -> Result<u8> {
                 println!("  env: {}={}", bytes_text(name), bytes_text(value));
             }
             println!("  system root: {}", bytes_text(&info.key.system_root));
+            if let Some((parent, n)) = &info.key.parent {
+                println!("  parent: {} (request {n} of its kind)", &hex(parent)[..12]);
+            }
+            if let Some(target) = &info.key.target {
+                println!("  make target: {}", bytes_text(target));
+            }
             for (tid, trace) in &traces {
                 println!(
                     "trace {} ({}, {:.1} ms, exit status {})",
@@ -254,6 +268,28 @@ pub fn show(args: ShowArgs) -> Result<u8> {
                         store_path_text(&output.path),
                         output_text(&output.state)
                     );
+                }
+                for input in &trace.internal {
+                    println!(
+                        "  saw {:<8} {}  (written by its children)",
+                        format!("{:?}", input.kind).to_lowercase(),
+                        store_path_text(&input.path)
+                    );
+                }
+                // The synchronization operations, in order: `run` requests a child, `got` is
+                // when its result reached the thunk.
+                for event in &trace.events {
+                    let (verb, index) = match event {
+                        SyncEvent::Start(i) => ("run", *i),
+                        SyncEvent::End(i) => ("got", *i),
+                    };
+                    if let Some(child) = trace.children.get(index as usize) {
+                        println!(
+                            "  {verb} child {}  (exit status {})",
+                            &hex(&child.id)[..12],
+                            child.exit_code
+                        );
+                    }
                 }
             }
         }
