@@ -307,6 +307,11 @@ fn strip_escapes(bytes: &[u8]) -> Vec<u8> {
 /// `termios` feature, which this crate does not enable; shells set `COLUMNS` without always
 /// exporting it, so 80 is the usual answer until it does.
 fn terminal_width() -> usize {
+    if let Ok(size) = rustix::termios::tcgetwinsize(std::io::stderr()) {
+        if size.ws_col > 0 {
+            return usize::from(size.ws_col);
+        }
+    }
     std::env::var("COLUMNS")
         .ok()
         .and_then(|columns| columns.trim().parse::<usize>().ok())
