@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -15,8 +15,7 @@ use super::protocol::{read_message, write_message, FromClient, ToClient};
 /// Where a thunk of a build reaches the build (see `cot_sandbox::BUILD_SOCKET`).
 pub const SOCKET: &str = "/dev/cot";
 
-/// The shell that runs recipe lines under `cot make`.
-pub const RECIPE_SHELL: &str = "/bin/sh";
+pub use super::make::RECIPE_SHELL;
 
 /// Whether this process runs inside a thunk of a build.
 pub fn inside_build() -> bool {
@@ -53,8 +52,17 @@ pub fn request_env() -> Vec<(OsString, OsString)> {
 pub fn run(
     argv: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    background: bool,
+) -> anyhow::Result<u8> {
+    request(argv, env, None, background, false)
+}
+
+fn request(
+    argv: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
     target: Option<String>,
     background: bool,
+    up_to_date: bool,
 ) -> anyhow::Result<u8> {
     let cwd: PathBuf = std::env::current_dir().context("cannot read the working directory")?;
     let answer = call(&FromClient::Run {
@@ -63,6 +71,7 @@ pub fn run(
         cwd,
         target,
         background,
+        up_to_date,
     })?;
     deliver(answer)
 }
@@ -94,26 +103,36 @@ fn deliver(answer: ToClient) -> anyhow::Result<u8> {
     }
 }
 
-/// `cot __sh --target TARGET -c LINE`: make's shell under `cot make`. Inside a build the recipe
-/// line becomes a child thunk `sh -c LINE`; outside one it simply runs.
+/// `cot __sh --target TARGET --prereqs PREREQ... --end -c LINE`: make's shell under `cot make`
+/// (make expands `$@` and `$^` in `.SHELLFLAGS`; both are empty for `$(shell ...)`). Inside a
+/// build the recipe line becomes a child thunk `sh -c LINE`; outside one it simply runs.
 pub fn sh(args: &[OsString]) -> anyhow::Result<u8> {
-    let mut target = None;
+    let usage = || {
+        anyhow::anyhow!(
+            "usage: cot __sh --target [TARGET] --prereqs [PREREQ...] --end -c LINE (this is \
+             make's shell under `cot make`)"
+        )
+    };
     let mut rest = args;
+    let mut target = None;
+    let mut prereqs: Vec<&OsString> = Vec::new();
     if rest.first().is_some_and(|a| a == "--target") {
-        // `$@` is empty in `$(shell ...)`: then "-c" follows directly.
         match rest.get(1) {
-            Some(t) if t != "-c" => {
+            Some(t) if t != "--prereqs" && t != "-c" => {
                 target = Some(t.to_string_lossy().into_owned());
                 rest = &rest[2..];
             }
             _ => rest = &rest[1..],
         }
     }
+    if rest.first().is_some_and(|a| a == "--prereqs") {
+        let end = rest.iter().position(|a| a == "--end").ok_or_else(usage)?;
+        prereqs.extend(&rest[1..end]);
+        rest = &rest[end + 1..];
+    }
     let line = match rest {
         [flag, line] if flag == "-c" => line.clone(),
-        _ => anyhow::bail!(
-            "usage: cot __sh [--target TARGET] -c LINE (this is make's shell under `cot make`)"
-        ),
+        _ => return Err(usage()),
     };
     let argv = vec![OsString::from(RECIPE_SHELL), OsString::from("-c"), line];
     if !inside_build() {
@@ -123,5 +142,20 @@ pub fn sh(args: &[OsString]) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot run {RECIPE_SHELL}"))?;
         return Ok(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)));
     }
-    run(argv, request_env(), target, false)
+    let up_to_date = target
+        .as_deref()
+        .is_some_and(|t| up_to_date_by_time(Path::new(t), &prereqs));
+    request(argv, request_env(), target, false, up_to_date)
+}
+
+/// Whether plain make would find `target` up to date: it exists and no prerequisite is newer
+/// (make compares modification times, following symlinks).
+fn up_to_date_by_time(target: &Path, prereqs: &[&OsString]) -> bool {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let Some(target_time) = modified(target) else {
+        return false;
+    };
+    prereqs
+        .iter()
+        .all(|p| modified(Path::new(p)).is_some_and(|time| time <= target_time))
 }

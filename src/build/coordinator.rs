@@ -50,6 +50,8 @@ pub struct Settings {
     /// Inputs (absolute view paths, globs) whose changes never make a thunk run (cot.toml's
     /// `ignore`).
     pub ignore: GlobSet,
+    /// `cot make`: cot is make's `SHELL` in every thunk (see `crate::build::make::SHELL_ENV`).
+    pub make_shell: bool,
 }
 
 /// Store clients, one per thread that needs one at a time.
@@ -186,6 +188,12 @@ impl RealWorld {
         let mut env: Vec<(OsString, OsString)> =
             key.env.iter().map(|(n, v)| (os(n), os(v))).collect();
         env.push((JOBS_ENV.into(), self.settings.jobs.to_string().into()));
+        if self.settings.make_shell {
+            env.push((
+                super::make::SHELL_ENV.into(),
+                super::make::RECIPE_SHELL.into(),
+            ));
+        }
         Thunk {
             argv: key.argv.iter().map(|a| os(a)).collect(),
             env,
@@ -430,11 +438,12 @@ impl World for std::sync::Arc<RealWorld> {
                         env,
                         cwd,
                         target,
+                        skip_if_new,
                     } => {
                         let key = self.key_of(argv, env, cwd, target);
                         let writer = &writer;
                         scope.spawn(move || {
-                            let outcome = requests.request(key);
+                            let outcome = requests.request(key, skip_if_new);
                             let done = self.child_done(request, outcome);
                             // The thunk may have ended meanwhile: nobody to tell.
                             let _ = write_message(&mut *writer.lock(), &done);

@@ -118,7 +118,11 @@ pub trait World: Send + Sync + 'static {
 /// The running thunk's side of child requests.
 pub trait Requests: Sync {
     /// Resolves a child thunk (its key without parent) and returns what it did; blocks.
-    fn request(&self, key: ThunkKey) -> ChildOutcome;
+    /// `skip_if_new`: the requester would not run it by its own rules (make: the target is
+    /// newer than its prerequisites), so if it never ran under cot it does not run now, and
+    /// succeeds (`cot make` asks make for every recipe, which must not make cot run a recipe
+    /// for a file a release ships, e.g. `configure`, that plain make would leave alone).
+    fn request(&self, key: ThunkKey, skip_if_new: bool) -> ChildOutcome;
 }
 
 /// What a thunk that ran left, as recorded.
@@ -330,8 +334,8 @@ struct CallLogInner {
 }
 
 impl CallLog {
-    /// A child is requested; returns its index.
-    pub fn start(&self) -> u32 {
+    /// A child is requested (`skip_if_new`: see [`Requests::request`]); returns its index.
+    pub fn start(&self, skip_if_new: bool) -> u32 {
         let mut inner = self.inner.lock();
         let index = u32::try_from(inner.children.len()).unwrap_or(u32::MAX);
         inner.children.push(ChildCall {
@@ -339,6 +343,7 @@ impl CallLog {
             exit_code: 0,
             stdout: [0; 32],
             stderr: [0; 32],
+            skip_if_new,
         });
         inner.events.push(SyncEvent::Start(index));
         index
@@ -348,12 +353,10 @@ impl CallLog {
     pub fn end(&self, index: u32, outcome: &ChildOutcome) {
         let mut inner = self.inner.lock();
         if let Some(call) = inner.children.get_mut(index as usize) {
-            *call = ChildCall {
-                id: outcome.id,
-                exit_code: outcome.exit_code,
-                stdout: outcome.stdout,
-                stderr: outcome.stderr,
-            };
+            call.id = outcome.id;
+            call.exit_code = outcome.exit_code;
+            call.stdout = outcome.stdout;
+            call.stderr = outcome.stderr;
         }
         inner.events.push(SyncEvent::End(index));
         for (path, state) in &outcome.writes {
@@ -715,7 +718,19 @@ impl<W: World> Inner<W> {
         parent: Option<ThunkId>,
         materialize: bool,
     ) -> ChildOutcome {
-        self.resolve_known(id, key, None, parent, materialize)
+        self.resolve_known(id, key, None, parent, materialize, false)
+    }
+
+    /// [`Inner::resolve`] for a running requester's request (see [`Requests::request`]).
+    fn resolve_gated(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: Option<ThunkId>,
+        materialize: bool,
+        skip_if_new: bool,
+    ) -> ChildOutcome {
+        self.resolve_known(id, key, None, parent, materialize, skip_if_new)
     }
 
     /// [`Inner::resolve`] with the thunk's traces when they are loaded already.
@@ -726,6 +741,7 @@ impl<W: World> Inner<W> {
         traces: Option<Vec<(TraceId, Trace)>>,
         parent: Option<ThunkId>,
         materialize: bool,
+        skip_if_new: bool,
     ) -> ChildOutcome {
         let started = self.elapsed();
         {
@@ -743,7 +759,27 @@ impl<W: World> Inner<W> {
             },
         };
         let skip = Self::matches(&self.options.skip, &key);
-        let decision = if Self::matches(&self.options.rebuild, &key) && !skip {
+        let forced = Self::matches(&self.options.rebuild, &key) && !skip;
+        if skip_if_new && traces.is_empty() && !forced {
+            self.finish_thunk(Resolved {
+                id,
+                parent,
+                key,
+                state: State::Skipped,
+                reason: "never ran under cot, and up to date by its requester's rules (make: \
+                         the target is newer than its prerequisites)"
+                    .into(),
+                ran: false,
+                exit_code: 0,
+                started,
+                duration: Duration::ZERO,
+                trace: None,
+                message: None,
+                delivered: false,
+            });
+            return skipped_outcome(id);
+        }
+        let decision = if forced {
             Decision::Run("forced (--rebuild)".into())
         } else {
             self.decide(&traces)
@@ -791,15 +827,25 @@ impl<W: World> Inner<W> {
     /// Loads a recorded child and resolves it.
     fn resolve_id(
         self: &Arc<Self>,
-        id: ThunkId,
+        call: &ChildCall,
         parent: ThunkId,
         materialize: bool,
     ) -> Option<ChildOutcome> {
+        let id = call.id;
         let (key, traces) = match self.world.thunk(&id) {
             Ok(Some(known)) => known,
+            // Skipped when it was requested (and so never recorded): skipped again.
+            Ok(None) if call.skip_if_new => return Some(skipped_outcome(id)),
             _ => return None,
         };
-        Some(self.resolve_known(id, key, Some(traces), Some(parent), materialize))
+        Some(self.resolve_known(
+            id,
+            key,
+            Some(traces),
+            Some(parent),
+            materialize,
+            call.skip_if_new,
+        ))
     }
 
     /// A thunk with a valid trace: its writes enter the keystate, its children are replayed.
@@ -935,23 +981,31 @@ impl<W: World> Inner<W> {
         let mut pending: Vec<Option<Future<Option<ChildOutcome>>>> =
             (0..count).map(|_| None).collect();
         let mut results: Vec<Option<ChildOutcome>> = vec![None; count];
+        // A child that now fails where it succeeded means the requester must run again, and
+        // would have stopped there: nothing more is started (unless --keep-going).
+        let newly_failed = |results: &[Option<ChildOutcome>]| {
+            !self.options.keep_going
+                && results.iter().zip(&trace.children).any(|(r, call)| {
+                    r.as_ref()
+                        .is_some_and(|r| r.exit_code != 0 && call.exit_code == 0)
+                })
+        };
         for (pos, event) in trace.events.iter().enumerate() {
             match *event {
-                // After a failure, nothing more is started (without --keep-going).
-                SyncEvent::Start(_) if self.stopping() => break,
+                SyncEvent::Start(_) if self.stopping() || newly_failed(&results) => break,
                 SyncEvent::Start(i) => {
                     let i = i as usize;
                     let Some(call) = trace.children.get(i) else {
                         continue;
                     };
-                    let child = call.id;
                     // Requested and waited for before anything else: no thread needed.
                     if trace.events.get(pos + 1) == Some(&SyncEvent::End(i as u32)) {
-                        results[i] = self.resolve_id(child, parent, materialize);
+                        results[i] = self.resolve_id(call, parent, materialize);
                     } else {
                         let me = self.clone();
+                        let call = call.clone();
                         pending[i] = Some(Future::spawn(move || {
-                            me.resolve_id(child, parent, materialize)
+                            me.resolve_id(&call, parent, materialize)
                         }));
                     }
                 }
@@ -1101,10 +1155,9 @@ impl<W: World> Inner<W> {
         }
         let trace = Arc::new(executed.trace);
         self.shared.lock().fresh.insert(executed.trace_id);
+        // A failure is its requester's to handle (make stops, `if cot run ...` goes on); a
+        // replayed requester is run again when a child now fails (see `replay`).
         let failed = trace.exit_code != 0;
-        if failed && !self.options.keep_going {
-            self.stopping.store(true, Ordering::Relaxed);
-        }
         self.apply(id, &trace);
         self.shared
             .lock()
@@ -1318,6 +1371,15 @@ impl<W: World> Inner<W> {
         let mut shared = self.shared.lock();
         if shared.ordered.insert(resolved.id) {
             shared.order.push(resolved.id);
+        }
+        // A thunk that ran in this build and is then decided again (its requester restarted)
+        // is reported as it ran.
+        if shared
+            .resolved
+            .get(&resolved.id)
+            .is_some_and(|earlier| earlier.ran && !resolved.ran)
+        {
+            return;
         }
         shared.resolved.insert(resolved.id, resolved);
     }
@@ -1539,7 +1601,7 @@ struct Running<W: World> {
 }
 
 impl<W: World> Requests for Running<W> {
-    fn request(&self, mut key: ThunkKey) -> ChildOutcome {
+    fn request(&self, mut key: ThunkKey, skip_if_new: bool) -> ChildOutcome {
         let occurrence = {
             let mut occurrences = self.occurrences.lock();
             let n = occurrences.entry(key.clone()).or_insert(0);
@@ -1556,7 +1618,9 @@ impl<W: World> Requests for Running<W> {
                 self.build.slots.release();
             }
         }
-        let outcome = self.build.resolve(id, key, Some(self.id), true);
+        let outcome = self
+            .build
+            .resolve_gated(id, key, Some(self.id), true, skip_if_new);
         {
             let mut waiting = self.waiting.lock();
             if *waiting == 1 {
@@ -1566,6 +1630,17 @@ impl<W: World> Requests for Running<W> {
             *waiting -= 1;
         }
         outcome
+    }
+}
+
+/// What a requester gets from a child that was not run because it would not have run it:
+/// success, and nothing said.
+fn skipped_outcome(id: ThunkId) -> ChildOutcome {
+    ChildOutcome {
+        id,
+        stdout: crate::cas::hash_bytes(b""),
+        stderr: crate::cas::hash_bytes(b""),
+        ..ChildOutcome::default()
     }
 }
 

@@ -316,10 +316,16 @@ pub fn shell_overrides(cot_exe: &Path) -> Vec<OsString> {
     };
     vec![
         assign("SHELL", &cot, ""),
-        ".SHELLFLAGS=__sh --target $@ -c".into(),
+        ".SHELLFLAGS=__sh --target $@ --prereqs $^ --end -c".into(),
         assign("MAKE", &cot, " __make"),
     ]
 }
+
+/// Tells cot, run as make's `SHELL`, which shell to be when it is called as one.
+pub const SHELL_ENV: &str = "COT_BUILD_SHELL";
+
+/// The shell recipe lines and `$(SHELL)` run with.
+pub const RECIPE_SHELL: &str = "/bin/sh";
 
 /// One word of a `MAKEFLAGS` value: its bytes as written, and as make reads them.
 struct FlagWord<'a> {
@@ -488,6 +494,9 @@ fn run_make(args: &[OsString]) -> io::Result<i32> {
     // Set by make for its own restart only; an inherited one would make phase 0 believe it
     // restarted.
     command.env_remove("MAKE_RESTARTS");
+    // `$(SHELL)` in a recipe is cot: invoked as a shell (`$(SHELL) ./libtool ...`,
+    // `$(SHELL) -c ...`), cot runs this one (see `crate::cli::shell_call`).
+    command.env(SHELL_ENV, RECIPE_SHELL);
     let status = command
         .status()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot run {MAKE}: {e}")))?;
@@ -728,7 +737,11 @@ __sh)
     shift
     target=
     if [ "$1" = --target ]; then
-        if [ "$2" = -c ]; then shift; else target=$2; shift 2; fi
+        if [ "$2" = --prereqs ]; then shift; else target=$2; shift 2; fi
+    fi
+    if [ "$1" = --prereqs ]; then
+        while [ "$1" != --end ]; do shift; done
+        shift
     fi
     [ "$1" = -c ] && shift
     [ -n "$target" ] && printf '%s\n' "$target" >> '{log}'
@@ -1083,7 +1096,7 @@ exit 99
             shell_overrides(Path::new("/opt/co$t/bin/cot")),
             os(&[
                 "SHELL=/opt/co$$t/bin/cot",
-                ".SHELLFLAGS=__sh --target $@ -c",
+                ".SHELLFLAGS=__sh --target $@ --prereqs $^ --end -c",
                 "MAKE=/opt/co$$t/bin/cot __make",
             ])
         );

@@ -46,6 +46,9 @@ pub enum FromWorker {
         env: Vec<(OsString, OsString)>,
         cwd: PathBuf,
         target: Option<String>,
+        /// A recipe that plain make would not run: if it never ran under cot, it is not run
+        /// now either (see `Requests::request`).
+        skip_if_new: bool,
     },
     /// The thunk ended and its trace is recorded (`None`: interrupted, nothing recorded).
     Finished {
@@ -88,6 +91,8 @@ pub enum FromClient {
         cwd: PathBuf,
         target: Option<String>,
         background: bool,
+        /// Plain make would not run this recipe: its target is newer than its prerequisites.
+        up_to_date: bool,
     },
     /// `cot wait`: every background child started so far.
     Wait,

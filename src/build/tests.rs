@@ -190,7 +190,7 @@ impl World for Arc<Fake> {
             for line in script.lines() {
                 let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
                 let words: Vec<&str> = match verb {
-                    "run" | "bg" => vec![verb, rest],
+                    "run" | "bg" | "gated" => vec![verb, rest],
                     _ => line.split_whitespace().collect(),
                 };
                 match words.as_slice() {
@@ -212,20 +212,25 @@ impl World for Arc<Fake> {
                     ["echo", text] => stdout.push_str(text),
                     ["fail"] => exit_code = 1,
                     ["run", child] => {
-                        let index = calls.start();
-                        let outcome = requests.request(key_for(child));
+                        let index = calls.start(false);
+                        let outcome = requests.request(key_for(child), false);
                         calls.end(index, &outcome);
                         if outcome.exit_code != 0 {
                             exit_code = outcome.exit_code;
                             break;
                         }
                     }
+                    ["gated", child] => {
+                        let index = calls.start(true);
+                        let outcome = requests.request(key_for(child), true);
+                        calls.end(index, &outcome);
+                    }
                     ["bg", child] => {
-                        let index = calls.start();
+                        let index = calls.start(false);
                         let child = child.to_string();
                         background.push((
                             index,
-                            scope.spawn(move || requests.request(key_for(&child))),
+                            scope.spawn(move || requests.request(key_for(&child), false)),
                         ));
                     }
                     ["wait"] => {
@@ -703,38 +708,71 @@ fn rebuild_and_skip_globs() {
 #[test]
 fn a_failing_step_fails_the_build_and_runs_again_next_time() {
     let fake = yacc();
-    fake.set(&script_path("cc main"), "fail");
+    fake.set(&script_path("ld"), "fail");
+    let report = build(&fake, "run prog");
+    // ld fails; the root, replayed, now has a child that ends differently, so it runs again:
+    // it reuses the failure recorded in this build (ld does not run twice) and stops there,
+    // as its script does on a failed `run`. The build's status is the root's.
+    assert_eq!(report.exit_code, 1);
+    assert_eq!(report.states["ld"], State::Failed);
+    assert_eq!(report.states["run prog"], State::Failed);
+    assert_eq!(sorted(&report.ran), set_of(&["ld", "run prog"]));
+    // A failure is not reused in the next build: ld runs again.
     let report = build(&fake, "run prog");
     assert_eq!(report.exit_code, 1);
-    assert_eq!(report.states["cc main"], State::Failed);
-    // The build stops at the first failure: the root, whose child now ends differently,
-    // is not restarted, and ld is not reached.
-    assert_eq!(report.ran, set_of(&["cc main"]));
-    assert_eq!(report.states["run prog"], State::Skipped);
-    assert!(!report.states.contains_key("ld"));
-    // With --keep-going the root is restarted (its child now ends differently); it reuses
-    // the failure recorded in this build (the compile does not run twice). Its script does
-    // not look at the exit status of background children, so it goes on to ld and succeeds:
-    // the build's status is the root's.
-    let report = build_with(
-        &fake,
-        "run prog",
-        Options {
-            keep_going: true,
-            ..Options::default()
-        },
-    );
-    assert_eq!(sorted(&report.ran), set_of(&["cc main", "run prog"]));
+    assert!(report.ran.contains(&"ld".to_string()), "{:?}", report.ran);
+
+    // A background child's failure is the script's to look at; this script does not.
+    fake.set(&script_path("ld"), "write prog = parse.o + main.o");
+    fake.set(&script_path("cc main"), "fail");
+    let report = build(&fake, "run prog");
     assert_eq!(report.states["cc main"], State::Failed);
     assert_eq!(report.exit_code, 0);
-    fake.set(&script_path("cc main"), "write main.o = main.c + parse.h");
+
     // Fixed as it was before: its earlier successful trace is valid again, so the compile is
     // reused; only the root, whose recorded child failed, runs again.
+    fake.set(&script_path("cc main"), "write main.o = main.c + parse.h");
     let report = build(&fake, "run prog");
     assert_eq!(report.exit_code, 0);
     assert_eq!(report.ran, set_of(&["run prog"]));
     assert_eq!(report.states["cc main"], State::Clean);
     yacc_outputs_are_clean(&fake);
+}
+
+#[test]
+fn a_recipe_that_never_ran_is_not_run_when_its_requester_would_not() {
+    // Under `cot make`, make asks for every recipe (`gated` here): one that never ran under
+    // cot and whose target plain make finds up to date (a file the release ships, like
+    // `configure`) is not run; once it has run, its traces decide.
+    let fake = project(
+        &[("root", "gated gen"), ("gen", "write gen.h = src + 0")],
+        &[("src", "1")],
+    );
+    let report = build(&fake, "root");
+    assert_eq!(report.ran, set_of(&["root"]));
+    assert_eq!(report.states["gen"], State::Skipped);
+    assert_eq!(report.exit_code, 0);
+    // Replayed (the script is rewritten as it was: the record cannot decide), it is skipped
+    // again.
+    fake.set(&script_path("root"), "gated gen");
+    let report = build(&fake, "root");
+    assert!(report.ran.is_empty(), "{:?}", report.ran);
+    assert!(
+        !report.states.contains_key("gen"),
+        "never recorded: not listed"
+    );
+    fake.set(&script_path("root"), "run gen");
+    assert_eq!(sorted(&build(&fake, "root").ran), set_of(&["gen", "root"]));
+    fake.set(&script_path("root"), "gated gen");
+    let report = build(&fake, "root");
+    // The root's first trace (the same script) is valid again: replayed, and gen, asked for
+    // the same way, is decided by its trace now.
+    assert!(report.ran.is_empty(), "{:?}", report.ran);
+    assert_eq!(report.states["gen"], State::Clean);
+    fake.set("src", "2");
+    let report = build(&fake, "root");
+    assert_eq!(report.states["gen"], State::Dirty);
+    assert_eq!(fake.value("gen.h"), 2);
 }
 
 // The multi-write example of the design notes ("Damage scratchwork"): at, bt and dt all write

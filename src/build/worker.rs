@@ -91,6 +91,7 @@ fn run(job: Job, channel: &UnixStream) -> anyhow::Result<FromWorker> {
         calls: CallLog::default(),
         background: Mutex::new(Vec::new()),
         view: Mutex::new(None),
+        first_judgment: Mutex::new(HashMap::new()),
     });
     let reader = channel.try_clone().context("cannot share the channel")?;
     // Threads start only once the sandbox is launched (it must be cloned from a
@@ -135,6 +136,9 @@ struct Relay {
     /// Background children not waited for yet: their index in `calls` and their result.
     background: Mutex<Vec<(u32, mpsc::Receiver<ChildDone>)>>,
     view: Mutex<Option<cot_fusefs::Handle>>,
+    /// Per (directory, make target): whether plain make would have skipped its recipe, as
+    /// judged at its first line.
+    first_judgment: Mutex<HashMap<(PathBuf, String), bool>>,
 }
 
 impl Relay {
@@ -169,7 +173,8 @@ impl Relay {
                 cwd,
                 target,
                 background,
-            } => match self.request(argv, env, cwd, target) {
+                up_to_date,
+            } => match self.request(argv, env, cwd, target, up_to_date) {
                 Err(message) => ToClient::Refused { message },
                 Ok((index, receiver)) if background => {
                     self.background.lock().push((index, receiver));
@@ -189,7 +194,19 @@ impl Relay {
         env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
         cwd: PathBuf,
         target: Option<String>,
+        up_to_date: bool,
     ) -> Result<(u32, mpsc::Receiver<ChildDone>), String> {
+        // make runs the lines of a target's recipe one after the other: the first one says
+        // whether plain make would have run the recipe (a later line finds the target
+        // already rebuilt by an earlier one).
+        let skip_if_new = match &target {
+            Some(target) => *self
+                .first_judgment
+                .lock()
+                .entry((cwd.clone(), target.clone()))
+                .or_insert(up_to_date),
+            None => false,
+        };
         if let Some(view) = self.view.lock().as_ref() {
             view.publish()
                 .map_err(|e| format!("cannot publish the thunk's writes: {e}"))?;
@@ -201,13 +218,14 @@ impl Relay {
         };
         let (sender, receiver) = mpsc::channel();
         self.waiting.lock().insert(request, sender);
-        let index = self.calls.start();
+        let index = self.calls.start(skip_if_new);
         let message = FromWorker::Child {
             request,
             argv,
             env,
             cwd,
             target,
+            skip_if_new,
         };
         write_message(&mut *self.channel.lock(), &message)
             .map_err(|e| format!("cannot reach the build: {e}"))?;

@@ -369,6 +369,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         no_passthrough: options.sandbox.no_passthrough,
         jobs,
         ignore: crate::build::globs(&config.ignore)?,
+        make_shell: name == "cot make",
     };
     let verbosity = if options.quiet || options.question {
         Verbosity::Quiet
@@ -662,8 +663,6 @@ pub fn status(args: StatusArgs) -> Result<u8> {
         cache_failures: false,
     };
     let (store, cas) = crate::engine::memo::store_dirs(&project_root, &memo_options);
-    let options: Vec<u8> = key.options.clone();
-    let _ = options;
     let settings = Settings {
         project_root: project_root.clone(),
         system_root: PathBuf::from(std::ffi::OsStr::new(
@@ -678,6 +677,7 @@ pub fn status(args: StatusArgs) -> Result<u8> {
         no_passthrough: false,
         jobs: 1,
         ignore: crate::build::globs(&config.ignore)?,
+        make_shell: false,
     };
     let world = Arc::new(RealWorld::new(
         settings,

@@ -64,8 +64,53 @@ enum Command {
     },
 }
 
+/// cot's commands, as the first argument.
+const COMMANDS: [&str; 16] = [
+    "run",
+    "build",
+    "make",
+    "status",
+    "wait",
+    "show",
+    "query",
+    "gc",
+    "clean",
+    "help",
+    "__thunk",
+    "__sh",
+    "__make",
+    "--help",
+    "-h",
+    "--version",
+];
+
+/// Under `cot make`, cot is make's `SHELL`, so a recipe's `$(SHELL) ./libtool ...` or
+/// `$(SHELL) -c '...'` runs cot: called like that (not with one of its commands, or with a file
+/// of that name in the working directory), cot becomes the shell that make's environment names
+/// in [`crate::build::make::SHELL_ENV`]. Returns only when that is not the case.
+fn shell_call() -> Option<ExitCode> {
+    let shell = std::env::var_os(crate::build::make::SHELL_ENV).filter(|s| !s.is_empty())?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let is_command = args.first().is_some_and(|first| {
+        COMMANDS.iter().any(|c| first == *c) && !std::path::Path::new(first).exists()
+    });
+    if is_command {
+        return None;
+    }
+    use std::os::unix::process::CommandExt;
+    let error = std::process::Command::new(&shell).args(&args).exec();
+    eprintln!(
+        "cot: cannot run {} as make's shell: {error}",
+        std::path::Path::new(&shell).display()
+    );
+    Some(ExitCode::from(127))
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    if let Some(code) = shell_call() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),

@@ -238,5 +238,5 @@ fn nested(args: RunArgs) -> Result<u8> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let env = thunk_env(crate::build::client::request_env(), &rules, true);
-    crate::build::client::run(args.command, env, None, args.bg)
+    crate::build::client::run(args.command, env, args.bg)
 }

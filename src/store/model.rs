@@ -155,6 +155,9 @@ pub struct ChildCall {
     /// Digests of what the child said (the requester may have read it, e.g. `$(cot run ...)`).
     pub stdout: Digest,
     pub stderr: Digest,
+    /// The requester would not have run it by its own rules (see
+    /// `build::engine::Requests::request`): replayed, it is decided the same way.
+    pub skip_if_new: bool,
 }
 
 /// A synchronization operation of a thunk, by index into [`Trace::children`].
