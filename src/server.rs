@@ -38,8 +38,7 @@ use crate::store::model::{
 };
 use crate::store::Store;
 
-/// A thunk's key and traces, most recently used first.
-pub type KnownThunk = (ThunkKey, Vec<(TraceId, Trace)>);
+pub use crate::store::KnownThunk;
 
 /// A server with no connection for this long exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);

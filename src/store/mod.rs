@@ -167,6 +167,9 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("postcard encodes every model type")
 }
 
+/// A thunk's key and its kept traces, most recently used first.
+pub type KnownThunk = (ThunkKey, Vec<(TraceId, Trace)>);
+
 /// The trace store. One process at a time opens it with [`Store::open`]; within it, any number
 /// of threads share it (reads run in parallel, writes are serialized).
 pub struct Store {
@@ -442,7 +445,7 @@ impl Store {
     }
 
     /// A thunk's key and its kept traces, most recently used first, from one snapshot.
-    pub fn known(&self, id: &ThunkId) -> Result<Option<(ThunkKey, Vec<(TraceId, Trace)>)>, Error> {
+    pub fn known(&self, id: &ThunkId) -> Result<Option<KnownThunk>, Error> {
         let snapshot = self.db.snapshot();
         let mut opts = ReadOptions::default();
         opts.set_snapshot(&snapshot);
