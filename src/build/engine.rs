@@ -22,8 +22,8 @@ use globset::GlobSet;
 use parking_lot::{Condvar, Mutex};
 
 use crate::store::model::{
-    BuildRecord, BuildThunk, ChildCall, Digest, FileKind, Input, Observed, Output, OutputState,
-    StatTuple, StorePath, SyncEvent, ThunkId, ThunkKey, Trace, TraceId,
+    BuildRecord, BuildThunk, ChildCall, Digest, FileKind, Input, InputKind, Observed, Output,
+    OutputState, StatTuple, StorePath, SyncEvent, ThunkId, ThunkKey, Trace, TraceId,
 };
 use crate::store::thunk_id;
 
@@ -93,6 +93,8 @@ pub trait World: Send + Sync + 'static {
     ) -> anyhow::Result<Executed>;
     /// Records `trace` again with every input observed as it is now (`--touch`).
     fn touch(&self, key: &ThunkKey, trace: &Trace) -> anyhow::Result<TraceId>;
+    /// Records `trace`, as it is, for `key` too (the same command ran for another parent).
+    fn adopt(&self, key: &ThunkKey, trace: &Trace) -> anyhow::Result<TraceId>;
     /// The `lstat` of each path now, for the build record's snapshot.
     fn snapshot(&self, paths: &[StorePath]) -> Vec<(StorePath, Option<StatTuple>)>;
     /// The first path of a snapshot that is no longer as it says, if any (the no-op fast
@@ -476,6 +478,8 @@ struct Shared {
     /// Paths this build changed on disk by running thunks: a replayed thunk that wrote one of
     /// them puts its version back (it is not damage done by hand).
     touched: HashSet<StorePath>,
+    /// The thunks that ran in this build, by their key without parent.
+    ran_shapes: HashMap<ThunkId, (TraceId, Arc<Trace>)>,
 }
 
 struct Inner<W: World> {
@@ -675,9 +679,31 @@ impl<W: World> Inner<W> {
         Decision::Run(first_reason.unwrap_or_else(|| "new".into()))
     }
 
+    /// The same command (working directory, environment, make target), requested by another
+    /// parent, ran earlier in this build and its trace holds: its result is this thunk's too
+    /// (a make that runs a directory's make twice, as automake's and libffi's do).
+    fn same_command_ran(&self, key: &ThunkKey) -> Option<Decision> {
+        let shape = shape_of(key);
+        let (trace_id, trace) = self.shared.lock().ran_shapes.get(&shape).cloned()?;
+        self.invalid_input(&trace)
+            .is_none()
+            .then_some(Decision::Valid(trace_id, trace))
+    }
+
     /// The first input of `trace` that no longer holds, described.
     fn invalid_input(&self, trace: &Trace) -> Option<String> {
         for input in &trace.inputs {
+            // A path the thunk itself writes: a lookup of it is the probe that comes with
+            // creating or removing it, and finding it as the thunk left it (its own earlier
+            // run in this build, before its requester restarted) is no change.
+            let own = trace
+                .outputs
+                .iter()
+                .find(|o| o.path == input.path)
+                .map(|o| &o.state);
+            if own.is_some() && matches!(input.kind, InputKind::Stat | InputKind::Absent) {
+                continue;
+            }
             let known = {
                 let shared = self.shared.lock();
                 if let Some(writer) = shared.unknown.get(&input.path) {
@@ -686,10 +712,13 @@ impl<W: World> Inner<W> {
                         display_path(&input.path),
                     ));
                 }
-                shared
-                    .keystate
-                    .get(&input.path)
-                    .and_then(|(state, _)| observed_holds(&input.observed, state))
+                shared.keystate.get(&input.path).and_then(|(state, _)| {
+                    if own == Some(state) {
+                        Some(true)
+                    } else {
+                        observed_holds(&input.observed, state)
+                    }
+                })
             };
             match known {
                 Some(true) => {}
@@ -782,7 +811,17 @@ impl<W: World> Inner<W> {
         let decision = if forced {
             Decision::Run("forced (--rebuild)".into())
         } else {
-            self.decide(&traces)
+            match self.decide(&traces) {
+                Decision::Run(reason) => match self.same_command_ran(&key) {
+                    // Recorded for this thunk too, so that its requester's replay finds it.
+                    Some(Decision::Valid(_, trace)) => match self.world.adopt(&key, &trace) {
+                        Ok(trace_id) => Decision::Valid(trace_id, trace),
+                        Err(_) => Decision::Run(reason),
+                    },
+                    _ => Decision::Run(reason),
+                },
+                valid => valid,
+            }
         };
         match decision {
             Decision::Valid(trace_id, trace) => {
@@ -1154,7 +1193,15 @@ impl<W: World> Inner<W> {
             self.stopping.store(true, Ordering::Relaxed);
         }
         let trace = Arc::new(executed.trace);
-        self.shared.lock().fresh.insert(executed.trace_id);
+        {
+            let mut shared = self.shared.lock();
+            shared.fresh.insert(executed.trace_id);
+            if trace.exit_code == 0 && !executed.interrupted {
+                shared
+                    .ran_shapes
+                    .insert(shape_of(&key), (executed.trace_id, trace.clone()));
+            }
+        }
         // A failure is its requester's to handle (make stops, `if cot run ...` goes on); a
         // replayed requester is run again when a child now fails (see `replay`).
         let failed = trace.exit_code != 0;
@@ -1631,6 +1678,13 @@ impl<W: World> Requests for Running<W> {
         }
         outcome
     }
+}
+
+/// A thunk's command, working directory, environment and options, whoever requested it.
+fn shape_of(key: &ThunkKey) -> ThunkId {
+    let mut key = key.clone();
+    key.parent = None;
+    thunk_id(&key)
 }
 
 /// What a requester gets from a child that was not run because it would not have run it:

@@ -305,6 +305,17 @@ impl World for Arc<Fake> {
         Ok(trace_id)
     }
 
+    fn adopt(&self, key: &ThunkKey, trace: &Trace) -> anyhow::Result<TraceId> {
+        let id = thunk_id(key);
+        let trace_id = trace_id(trace);
+        let mut thunks = self.thunks.lock();
+        let entry = thunks
+            .entry(id)
+            .or_insert_with(|| (key.clone(), Vec::new()));
+        entry.1.insert(0, (trace_id, trace.clone()));
+        Ok(trace_id)
+    }
+
     fn snapshot(&self, paths: &[StorePath]) -> Vec<(StorePath, Option<StatTuple>)> {
         let versions = self.versions.lock();
         paths
@@ -969,4 +980,39 @@ fn deleting_stale_outputs_reruns_what_read_them() {
     );
     // And the build after that has nothing to do.
     assert!(build(&fake, "root").ran.is_empty());
+}
+
+#[test]
+fn the_same_command_under_two_parents_runs_once() {
+    // A make that runs a directory's make twice (automake, libffi): the second asks for the
+    // same recipes again.
+    let fake = project(
+        &[
+            ("root", "run pass1\nrun pass2"),
+            ("pass1", "run gen"),
+            ("pass2", "run gen"),
+            ("gen", "write gen.h = src + 0"),
+        ],
+        &[("src", "1")],
+    );
+    let report = build(&fake, "root");
+    assert_eq!(
+        fake.ran.lock().iter().filter(|n| *n == "gen").count(),
+        1,
+        "{:?}",
+        report.ran
+    );
+    // Replayed later, both find their traces (the second was recorded for it too).
+    fake.set(&script_path("root"), "run pass1\nrun pass2");
+    let report = build(&fake, "root");
+    assert!(
+        report.ran.is_empty(),
+        "{:?} {:?}",
+        report.ran,
+        report.reasons
+    );
+    fake.set("src", "2");
+    let report = build(&fake, "root");
+    assert_eq!(report.ran, set_of(&["gen"]));
+    assert_eq!(fake.value("gen.h"), 2);
 }

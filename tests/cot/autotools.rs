@@ -560,7 +560,7 @@ fn libffi_builds_under_cot_make_as_under_plain_make() {
         &untouched,
     );
 
-    // The same recipes ran, as many times each (every thunk of a first build runs once).
+    // The same recipes ran (every thunk of a first build runs once).
     // libffi's top-level Makefile runs the per-host make twice (`all-all`, then
     // `all-configured`); under plain make the second pass finds everything up to date.
     let cot_recipes = first.recipes(false);
@@ -579,9 +579,12 @@ fn libffi_builds_under_cot_make_as_under_plain_make() {
         "the first cot make ran other recipes than plain make (directory, target):\n\
          only under cot make: {only_cot:#?}\nonly under plain make: {only_plain:#?}"
     );
+    // Never more often than plain make. Fewer is allowed: a recipe line that the second pass
+    // asks for again (the same command, in the same directory, with the same inputs, under
+    // another parent) is reused, not run again.
     let more: Vec<String> = cot_recipes
         .iter()
-        .filter(|(recipe, n)| plain_recipes.get(*recipe) != Some(*n))
+        .filter(|(recipe, n)| plain_recipes.get(*recipe).is_none_or(|plain| **n > *plain))
         .map(|((dir, target), n)| {
             format!(
                 "  {target} in {dir}: {n} times, under plain make {}",
@@ -593,7 +596,7 @@ fn libffi_builds_under_cot_make_as_under_plain_make() {
         .collect();
     assert!(
         more.is_empty(),
-        "the first cot make ran recipe lines more or fewer times than plain make:\n{}",
+        "the first cot make ran recipe lines more times than plain make:\n{}",
         more.join("\n")
     );
 
