@@ -1022,16 +1022,20 @@ impl<W: World> Inner<W> {
         let mut results: Vec<Option<ChildOutcome>> = vec![None; count];
         // A child that now fails where it succeeded means the requester must run again, and
         // would have stopped there: nothing more is started (unless --keep-going).
-        let newly_failed = |results: &[Option<ChildOutcome>]| {
+        let newly_failed = |i: usize, result: &Option<ChildOutcome>| {
             !self.options.keep_going
-                && results.iter().zip(&trace.children).any(|(r, call)| {
-                    r.as_ref()
-                        .is_some_and(|r| r.exit_code != 0 && call.exit_code == 0)
+                && result.as_ref().is_some_and(|r| {
+                    r.exit_code != 0 && trace.children.get(i).is_some_and(|c| c.exit_code == 0)
                 })
         };
+        let mut failed = false;
+        // Threads for children requested together, but not more than this many at once (a
+        // replay of make -j8 over ten thousand recipes is not ten thousand threads).
+        let most = self.options.jobs.max(1) * 4;
+        let mut in_flight: std::collections::VecDeque<usize> = Default::default();
         for (pos, event) in trace.events.iter().enumerate() {
             match *event {
-                SyncEvent::Start(_) if self.stopping() || newly_failed(&results) => break,
+                SyncEvent::Start(_) if self.stopping() || failed => break,
                 SyncEvent::Start(i) => {
                     let i = i as usize;
                     let Some(call) = trace.children.get(i) else {
@@ -1040,17 +1044,28 @@ impl<W: World> Inner<W> {
                     // Requested and waited for before anything else: no thread needed.
                     if trace.events.get(pos + 1) == Some(&SyncEvent::End(i as u32)) {
                         results[i] = self.resolve_id(call, parent, materialize);
+                        failed |= newly_failed(i, &results[i]);
                     } else {
+                        while in_flight.len() >= most {
+                            let oldest = in_flight.pop_front().expect("not empty");
+                            if let Some(future) = pending[oldest].take() {
+                                results[oldest] = future.wait();
+                                failed |= newly_failed(oldest, &results[oldest]);
+                            }
+                        }
                         let me = self.clone();
                         let call = call.clone();
                         pending[i] = Some(Future::spawn(move || {
                             me.resolve_id(&call, parent, materialize)
                         }));
+                        in_flight.push_back(i);
                     }
                 }
                 SyncEvent::End(i) => {
-                    if let Some(future) = pending.get_mut(i as usize).and_then(Option::take) {
-                        results[i as usize] = future.wait();
+                    let i = i as usize;
+                    if let Some(future) = pending.get_mut(i).and_then(Option::take) {
+                        results[i] = future.wait();
+                        failed |= newly_failed(i, &results[i]);
                     }
                 }
             }

@@ -285,8 +285,8 @@ pub fn build(args: BuildArgs) -> Result<u8> {
         script.push(DEFAULT_SCRIPT.into());
     }
     let program = PathBuf::from(&script[0]);
-    if program.components().count() > 1 && !program.exists() {
-        let dir = args.options.directory.clone().unwrap_or_else(|| ".".into());
+    let dir = args.options.directory.clone().unwrap_or_else(|| ".".into());
+    if program.components().count() > 1 && !dir.join(&program).exists() {
         bail!(
             "no build script {} in {} (write one, e.g. `#!/bin/sh` then `cot run -- cc -c a.c`, \
              or name another)",
@@ -379,9 +379,16 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         Verbosity::Normal
     };
     let world = Arc::new(RealWorld::new(settings, Progress::from_env(verbosity))?);
+    // A build's environment is every thunk's (children inherit it, and it is part of their
+    // names): TERM, which changes with the terminal, is left out unless asked for (--env TERM).
+    let caller = std::env::vars_os().filter(|(name, _)| {
+        name != "TERM"
+            || options.sandbox.inherit_env
+            || options.sandbox.env.iter().any(|e| e == "TERM")
+    });
     let root = Thunk {
         argv,
-        env: thunk_env(std::env::vars_os(), &rules, options.sandbox.inherit_env),
+        env: thunk_env(caller, &rules, options.sandbox.inherit_env),
         cwd: cwd.clone(),
         system_root: options.sandbox.system_root.clone(),
         writable: Vec::new(),

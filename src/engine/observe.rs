@@ -99,7 +99,8 @@ pub struct Observer<'a> {
 /// compiles look at the same system headers once.
 #[derive(Debug, Default)]
 pub struct StatCache {
-    map: Mutex<std::collections::HashMap<PathBuf, fs::Metadata>>,
+    /// `None`: absent (most of a compile's lookups are of headers that are not there).
+    map: Mutex<std::collections::HashMap<PathBuf, Option<fs::Metadata>>>,
     /// Real paths under which nothing is cached.
     volatile: Vec<PathBuf>,
 }
@@ -180,13 +181,24 @@ impl<'a> Observer<'a> {
             return Ok(meta.clone());
         }
         let stable = self.stable.filter(|cache| cache.keeps(real));
-        if let Some(meta) = stable.and_then(|cache| cache.map.lock().get(real).cloned()) {
-            return Ok(meta);
+        if let Some(known) = stable.and_then(|cache| cache.map.lock().get(real).cloned()) {
+            return known.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT));
         }
-        let meta = fs::symlink_metadata(real)?;
+        let meta = match fs::symlink_metadata(real) {
+            Ok(meta) => meta,
+            Err(e) => {
+                if let Some(cache) = stable.filter(|_| is_absent(&e)) {
+                    cache.map.lock().insert(real.to_path_buf(), None);
+                }
+                return Err(e);
+            }
+        };
         self.seen.lock().insert(real.to_path_buf(), meta.clone());
         if let Some(cache) = stable {
-            cache.map.lock().insert(real.to_path_buf(), meta.clone());
+            cache
+                .map
+                .lock()
+                .insert(real.to_path_buf(), Some(meta.clone()));
         }
         Ok(meta)
     }

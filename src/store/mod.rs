@@ -276,7 +276,7 @@ impl Store {
                     found,
                 })
             }
-            Version::Found(1) if !read_only => {
+            Version::Found(1 | 2) if !read_only => {
                 migrate = true;
                 false
             }
@@ -335,11 +335,12 @@ impl Store {
         Ok(store)
     }
 
-    /// Version 1 → 2: drops every thunk, trace and index row (their encoding changed; the store
-    /// is a cache), keeps the file states, and writes the new version, in one synced batch.
+    /// Versions 1 and 2 → 3: drops every thunk, trace, index and build row (their encoding
+    /// changed; the store is a cache), keeps the file states, and writes the new version, in
+    /// one synced batch.
     fn migrate_from_1(&self) -> Result<(), Error> {
         let mut batch = WriteBatch::default();
-        for name in [THUNKS, TRACES, READERS, WRITERS] {
+        for name in [THUNKS, TRACES, READERS, WRITERS, BUILDS] {
             let cf = self.cf(name)?;
             for item in self.db.iterator_cf(cf, IteratorMode::Start) {
                 let (key, _) = item.map_err(|source| self.read_error(name, &[], source))?;
