@@ -978,14 +978,7 @@ impl<W: World> Inner<W> {
             }
         }
         let reason = format!("valid trace: {} inputs unchanged", trace.inputs.len());
-        let outcome = ChildOutcome {
-            id,
-            exit_code: trace.exit_code,
-            stdout: trace.stdout,
-            stderr: trace.stderr,
-            writes,
-            message: None,
-        };
+        let outcome = recorded_outcome(id, &trace, writes, None);
         self.finish_thunk(Resolved {
             id,
             parent,
@@ -1233,14 +1226,7 @@ impl<W: World> Inner<W> {
                 collect_writes(&shared, call.id, &mut writes);
             }
         }
-        let outcome = ChildOutcome {
-            id,
-            exit_code: trace.exit_code,
-            stdout: trace.stdout,
-            stderr: trace.stderr,
-            writes,
-            message: executed.message.clone(),
-        };
+        let outcome = recorded_outcome(id, &trace, writes, executed.message.clone());
         self.finish_thunk(Resolved {
             id,
             parent,
@@ -1341,14 +1327,7 @@ impl<W: World> Inner<W> {
         {
             writes.extend(outcome.writes);
         }
-        let outcome = ChildOutcome {
-            id,
-            exit_code: trace.exit_code,
-            stdout: trace.stdout,
-            stderr: trace.stderr,
-            writes,
-            message: None,
-        };
+        let outcome = recorded_outcome(id, &trace, writes, None);
         self.finish_thunk(Resolved {
             id,
             parent,
@@ -1692,6 +1671,23 @@ impl<W: World> Requests for Running<W> {
             *waiting -= 1;
         }
         outcome
+    }
+}
+
+/// What a requester gets from a thunk that ran or was reused, from its trace.
+fn recorded_outcome(
+    id: ThunkId,
+    trace: &Trace,
+    writes: BTreeMap<StorePath, OutputState>,
+    message: Option<String>,
+) -> ChildOutcome {
+    ChildOutcome {
+        id,
+        exit_code: trace.exit_code,
+        stdout: trace.stdout,
+        stderr: trace.stderr,
+        writes,
+        message,
     }
 }
 
