@@ -694,6 +694,7 @@ pub fn status(args: StatusArgs) -> Result<u8> {
         world,
         Options {
             mode: Mode::DryRun,
+            detail: args.all,
             ..Options::default()
         },
     );
@@ -703,6 +704,9 @@ pub fn status(args: StatusArgs) -> Result<u8> {
     let paths = Paths::new(&project_root);
     if outcome.unchanged {
         println!("up to date: no input changed since the last build");
+        for thunk in &outcome.thunks {
+            println!("{:<8} {}", thunk.state.name(), describe(thunk));
+        }
         for path in &outcome.damaged {
             println!("damaged  {}", paths.to_view(path).display());
         }
