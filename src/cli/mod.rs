@@ -85,14 +85,14 @@ const COMMANDS: [&str; 16] = [
 ];
 
 /// Under `cot make`, cot is make's `SHELL`, so a recipe's `$(SHELL) ./libtool ...` or
-/// `$(SHELL) -c '...'` runs cot: called like that (not with one of its commands, or with a file
-/// of that name in the working directory), cot becomes the shell that make's environment names
+/// `$(SHELL) -c '...'` runs cot: called like that (not with one of its commands, or with a
+/// script file of that name in the working directory), cot becomes the shell that make's environment names
 /// in [`crate::build::make::SHELL_ENV`]. Returns only when that is not the case.
 fn shell_call() -> Option<ExitCode> {
     let shell = std::env::var_os(crate::build::make::SHELL_ENV).filter(|s| !s.is_empty())?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let is_command = args.first().is_some_and(|first| {
-        COMMANDS.iter().any(|c| first == *c) && !std::path::Path::new(first).exists()
+        COMMANDS.iter().any(|c| first == *c) && !std::path::Path::new(first).is_file()
     });
     if is_command {
         return None;
