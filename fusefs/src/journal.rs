@@ -555,7 +555,14 @@ fn apply(trees: &Trees, op: &Op, tmp: &OsStr, as_root: bool) -> io::Result<()> {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(e),
             }
-            rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700))?;
+            match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => {}
+                // Another thunk's commit made it in between (two `make -j` recipes that both
+                // create `.libs`): a directory there is what this operation wants.
+                Err(rustix::io::Errno::EXIST)
+                    if real::stat_at(dir.as_fd(), name).is_ok_and(|st| real::is_dir(&st)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Op::Move { src, dst } => {
             let (sprel, sname) = real::split(src)?;
