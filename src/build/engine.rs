@@ -165,7 +165,8 @@ pub enum State {
     Damaged,
     /// In the last build, not requested in this one: its outputs were deleted.
     Stale,
-    /// Not run this time (`--skip`, `--dry-run`, a build stopping after a failure).
+    /// Not run this time (`--skip`, a build interrupted or stopping on a failure of cot
+    /// itself, a recipe never run that its requester would not run).
     Skipped,
     /// It ran and failed.
     Failed,
@@ -488,6 +489,8 @@ struct Inner<W: World> {
     started: Instant,
     shared: Mutex<Shared>,
     slots: Slots,
+    /// Set when the build is interrupted or cot itself failed for a thunk: nothing more
+    /// starts. (A thunk's own failure is its requester's to handle.)
     stopping: AtomicBool,
     interrupted: AtomicBool,
 }

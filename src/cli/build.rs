@@ -37,7 +37,10 @@ pub struct BuildOptions {
     #[arg(short, long, value_name = "N")]
     jobs: Option<usize>,
 
-    /// Keep going after a thunk fails: run everything that does not depend on it
+    /// Keep going after a thunk fails. A failed thunk's requester decides what follows (make
+    /// stops unless -k, which `cot make` passes on; a script checks the status); replaying a
+    /// thunk whose child now fails, cot first decides its other children with -k, else goes
+    /// straight to running the requester again
     #[arg(short, long)]
     keep_going: bool,
 
