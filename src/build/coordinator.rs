@@ -54,6 +54,28 @@ pub struct Settings {
     pub make_shell: bool,
 }
 
+impl Settings {
+    /// A thunk of this build: the command, with the view every thunk of the build shares.
+    fn thunk(
+        &self,
+        argv: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        cwd: PathBuf,
+        target: Option<String>,
+    ) -> Thunk {
+        Thunk {
+            argv,
+            env,
+            cwd,
+            system_root: self.system_root.clone(),
+            writable: self.writable.clone(),
+            hide: self.hide.clone(),
+            rootless: self.rootless,
+            target,
+        }
+    }
+}
+
 /// Store clients, one per thread that needs one at a time.
 struct Pool {
     store: PathBuf,
@@ -106,16 +128,7 @@ pub struct RealWorld {
 impl RealWorld {
     pub fn new(settings: Settings, progress: Progress) -> anyhow::Result<RealWorld> {
         let paths = Paths::new(&settings.project_root);
-        let template = Thunk {
-            argv: Vec::new(),
-            env: Vec::new(),
-            cwd: settings.project_root.clone(),
-            system_root: settings.system_root.clone(),
-            writable: settings.writable.clone(),
-            hide: settings.hide.clone(),
-            rootless: settings.rootless,
-            target: None,
-        };
+        let template = settings.thunk(Vec::new(), Vec::new(), settings.project_root.clone(), None);
         let binds = Binds::new(crate::engine::view_binds(
             &template,
             &settings.project_root,
@@ -194,19 +207,14 @@ impl RealWorld {
                 super::make::RECIPE_SHELL.into(),
             ));
         }
-        Thunk {
-            argv: key.argv.iter().map(|a| os(a)).collect(),
+        self.settings.thunk(
+            key.argv.iter().map(|a| os(a)).collect(),
             env,
-            cwd: self.paths.to_view(&key.cwd),
-            system_root: self.settings.system_root.clone(),
-            writable: self.settings.writable.clone(),
-            hide: self.settings.hide.clone(),
-            rootless: self.settings.rootless,
-            target: key
-                .target
+            self.paths.to_view(&key.cwd),
+            key.target
                 .as_ref()
                 .map(|t| String::from_utf8_lossy(t).into_owned()),
-        }
+        )
     }
 
     /// The key of a thunk requested with this command line (its parent is set by the engine).
@@ -217,17 +225,7 @@ impl RealWorld {
         cwd: PathBuf,
         target: Option<String>,
     ) -> ThunkKey {
-        let thunk = Thunk {
-            argv,
-            env,
-            cwd,
-            system_root: self.settings.system_root.clone(),
-            writable: self.settings.writable.clone(),
-            hide: self.settings.hide.clone(),
-            rootless: self.settings.rootless,
-            target,
-        };
-        thunk_key(&thunk, &self.paths)
+        thunk_key(&self.settings.thunk(argv, env, cwd, target), &self.paths)
     }
 
     fn child_done(&self, request: u64, outcome: ChildOutcome) -> ChildDone {
@@ -490,7 +488,7 @@ impl World for std::sync::Arc<RealWorld> {
                 .observe(input.kind, &view, &HashSet::new())
                 .unwrap_or(crate::store::model::Observed::Absent);
         }
-        trace.ran_at_ns = now_ns();
+        trace.ran_at_ns = crate::engine::memo::now_ns();
         let learned = observer.take_learned();
         self.pool
             .with(|client| Ok(client.record(key.clone(), trace.clone(), learned)?))
@@ -590,10 +588,4 @@ impl World for std::sync::Arc<RealWorld> {
         self.progress.add_total(1);
         self.progress.started(&command_of(key));
     }
-}
-
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }

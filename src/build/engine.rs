@@ -661,9 +661,10 @@ impl<W: World> Inner<W> {
     }
 
     /// Decides a thunk from its traces (most recently used first).
-    fn decide(&self, traces: &[(TraceId, Trace)]) -> Decision {
+    /// A valid trace is taken out of `traces` (no copy on the path of every reused thunk).
+    fn decide(&self, traces: &mut Vec<(TraceId, Trace)>) -> Decision {
         let mut first_reason = None;
-        for (trace_id, trace) in traces {
+        for (index, (trace_id, trace)) in traces.iter().enumerate() {
             let reason = if trace.exit_code != 0 && !self.shared.lock().fresh.contains(trace_id) {
                 Some(format!(
                     "the last run failed (exit status {})",
@@ -673,7 +674,10 @@ impl<W: World> Inner<W> {
                 self.invalid_input(trace)
             };
             match reason {
-                None => return Decision::Valid(*trace_id, Arc::new(trace.clone())),
+                None => {
+                    let (trace_id, trace) = traces.swap_remove(index);
+                    return Decision::Valid(trace_id, Arc::new(trace));
+                }
                 Some(reason) => {
                     first_reason.get_or_insert(reason);
                 }
@@ -696,15 +700,11 @@ impl<W: World> Inner<W> {
     /// The first input of `trace` that no longer holds, described.
     fn invalid_input(&self, trace: &Trace) -> Option<String> {
         for input in &trace.inputs {
-            // A path the thunk itself writes: a lookup of it is the probe that comes with
-            // creating or removing it, and finding it as the thunk left it (its own earlier
-            // run in this build, before its requester restarted) is no change.
-            let own = trace
-                .outputs
-                .iter()
-                .find(|o| o.path == input.path)
-                .map(|o| &o.state);
-            if own.is_some() && matches!(input.kind, InputKind::Stat | InputKind::Absent) {
+            // A path the thunk itself writes: a lookup of it is no input, and finding it as
+            // the thunk left it (its own earlier run in this build, before its requester
+            // restarted) is no change.
+            let (own, probe) = crate::engine::memo::own_output(input, trace);
+            if probe {
                 continue;
             }
             let known = {
@@ -783,7 +783,7 @@ impl<W: World> Inner<W> {
                 shared.order.push(id);
             }
         }
-        let traces = match traces {
+        let mut traces = match traces {
             Some(traces) => traces,
             None => match self.world.thunk(&id) {
                 Ok(found) => found.map(|(_, traces)| traces).unwrap_or_default(),
@@ -814,7 +814,7 @@ impl<W: World> Inner<W> {
         let decision = if forced {
             Decision::Run("forced (--rebuild)".into())
         } else {
-            match self.decide(&traces) {
+            match self.decide(&mut traces) {
                 Decision::Run(reason) => match self.same_command_ran(&key) {
                     // Recorded for this thunk too, so that its requester's replay finds it.
                     Some(Decision::Valid(_, trace)) => match self.world.adopt(&key, &trace) {
@@ -1592,7 +1592,7 @@ impl<W: World> Inner<W> {
                 .iter()
                 .filter_map(|t| t.trace.as_ref())
                 .flat_map(|t| t.inputs.iter().chain(&t.internal))
-                .filter(|i| i.kind == crate::store::model::InputKind::Readdir)
+                .filter(|i| i.kind == InputKind::Readdir)
                 .map(|i| &i.path)
                 .collect();
             let snapshot = self
@@ -1613,7 +1613,7 @@ impl<W: World> Inner<W> {
                     snapshot,
                     damaged: damaged.clone(),
                     exit_code,
-                    ended_ns: now_ns(),
+                    ended_ns: crate::engine::memo::now_ns(),
                 },
             )?;
         }
@@ -1751,10 +1751,4 @@ pub fn display_path(path: &StorePath) -> String {
         StorePath::Project(p) if p.is_empty() => ".".into(),
         StorePath::Project(p) | StorePath::Absolute(p) => String::from_utf8_lossy(p).into_owned(),
     }
-}
-
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }

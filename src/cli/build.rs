@@ -428,7 +428,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         want: options
             .want
             .iter()
-            .map(|w| paths.to_store(&absolute(&cwd, w)))
+            .map(|w| paths.to_store(&cwd.join(w)))
             .collect(),
         detail: options.report.is_some() || options.explain,
     };
@@ -488,14 +488,6 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
     } else {
         0
     })
-}
-
-fn absolute(cwd: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        cwd.join(path)
-    }
 }
 
 /// Blocks the termination signals in every thread (the threads started later inherit the

@@ -64,7 +64,8 @@ pub struct MemoReport {
     pub decided_in: Duration,
 }
 
-fn now_ns() -> i64 {
+/// Now, in nanoseconds since the Unix epoch, as traces and records keep it.
+pub(crate) fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -358,18 +359,25 @@ fn invalid_input(trace: &Trace, observer: &Observer<'_>) -> Option<String> {
         .find_map(|input| check_input(input, trace, observer))
 }
 
-/// Whether one recorded input of `trace` still holds: `None` when it does, else what changed.
-pub fn check_input(input: &Input, trace: &Trace, observer: &Observer<'_>) -> Option<String> {
+/// What `trace` left at the path of one of its inputs, when the thunk wrote it, and whether
+/// the input is only the probe that comes with writing it. A lookup of a path the thunk then
+/// writes is that probe (`cc -o`, `>`, `rm -f`): what was there before does not reach the
+/// outputs, and the outputs themselves are restored on a hit. A read of it before rewriting
+/// it still counts.
+pub fn own_output<'t>(input: &Input, trace: &'t Trace) -> (Option<&'t OutputState>, bool) {
     let left = trace
         .outputs
         .iter()
         .find(|o| o.path == input.path)
         .map(|o| &o.state);
-    // A lookup of a path the thunk then writes is the probe that comes with creating,
-    // truncating or removing it (`cc -o`, `>`, `rm -f`): what was there before does not
-    // reach the outputs, and the outputs themselves are restored on a hit. A read of it
-    // before rewriting it still counts.
-    if left.is_some() && matches!(input.kind, InputKind::Stat | InputKind::Absent) {
+    let probe = left.is_some() && matches!(input.kind, InputKind::Stat | InputKind::Absent);
+    (left, probe)
+}
+
+/// Whether one recorded input of `trace` still holds: `None` when it does, else what changed.
+pub fn check_input(input: &Input, trace: &Trace, observer: &Observer<'_>) -> Option<String> {
+    let (left, probe) = own_output(input, trace);
+    if probe {
         return None;
     }
     let view = observer.paths.to_view(&input.path);

@@ -123,18 +123,7 @@ impl Outcome {
 
 /// Runs `cot ARGS...` (the shared binary) in `dir` as root.
 fn cot_in(dir: &Path, args: &[&str]) -> Run {
-    let output = Command::new(shared_cot_bin())
-        .current_dir(dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    Run {
-        status: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        trace: Vec::new(),
-    }
+    crate::harness::run_cot(&shared_cot_bin(), dir, args)
 }
 
 /// Writes an executable build script into the project.

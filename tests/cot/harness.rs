@@ -160,18 +160,7 @@ impl Project {
 
     /// `cot ARGS...` in the project directory `rel`.
     pub fn cot_in(&self, rel: &str, args: &[&str]) -> Run {
-        let output = Command::new(cot_bin())
-            .current_dir(self.root().join(rel))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        Run {
-            status: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            trace: Vec::new(),
-        }
+        run_cot(&cot_bin(), &self.root().join(rel), args)
     }
 
     pub fn trace_path(&self) -> PathBuf {
@@ -401,6 +390,22 @@ pub fn cot_as_test_user(project: &Project, args: &[&str]) -> Run {
         .args(args)
         .current_dir(project.root())
         .env("HOME", project.root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run {
+        status: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        trace: Vec::new(),
+    }
+}
+
+/// Runs `BIN ARGS...` (a cot binary) in `dir` with stdin from /dev/null, as the caller.
+pub fn run_cot(bin: &Path, dir: &Path, args: &[&str]) -> Run {
+    let output = Command::new(bin)
+        .current_dir(dir)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
