@@ -2,8 +2,9 @@
 //! shell under `cot make`) talk to the build through the socket at `/dev/cot` instead of
 //! starting a sandbox of their own.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use super::protocol::{read_message, write_message, FromClient, ToClient};
+use crate::store::model::Declared;
 
 /// Where a thunk of a build reaches the build (see `cot_sandbox::BUILD_SOCKET`).
 pub const SOCKET: &str = "/dev/cot";
@@ -54,13 +56,14 @@ pub fn run(
     env: Vec<(OsString, OsString)>,
     background: bool,
 ) -> anyhow::Result<u8> {
-    request(argv, env, None, background, false)
+    request(argv, env, None, None, background, false)
 }
 
 fn request(
     argv: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     target: Option<String>,
+    declared: Option<Declared>,
     background: bool,
     up_to_date: bool,
 ) -> anyhow::Result<u8> {
@@ -70,6 +73,7 @@ fn request(
         env,
         cwd,
         target,
+        declared,
         background,
         up_to_date,
     })?;
@@ -103,19 +107,20 @@ fn deliver(answer: ToClient) -> anyhow::Result<u8> {
     }
 }
 
-/// `cot __sh --target TARGET --prereqs PREREQ... --end -c LINE`: make's shell under `cot make`
-/// (make expands `$@` and `$^` in `.SHELLFLAGS`; both are empty for `$(shell ...)`). Inside a
-/// build the recipe line becomes a child thunk `sh -c LINE`; outside one it simply runs.
+/// `cot __sh --target TARGET --prereqs PREREQ... --order-only PREREQ... --end -c LINE`:
+/// make's shell under `cot make` (make expands `$@`, `$^` and `$|` in `.SHELLFLAGS`; all are
+/// empty for `$(shell ...)`). Inside a build the recipe line becomes a child thunk
+/// `sh -c LINE`, with the rule's declarations; outside one it simply runs.
 pub fn sh(args: &[OsString]) -> anyhow::Result<u8> {
     let usage = || {
         anyhow::anyhow!(
-            "usage: cot __sh --target [TARGET] --prereqs [PREREQ...] --end -c LINE (this is \
-             make's shell under `cot make`)"
+            "usage: cot __sh --target [TARGET] --prereqs [PREREQ...] [--order-only [PREREQ...]] \
+             --end -c LINE (this is make's shell under `cot make`)"
         )
     };
     let mut rest = args;
     let mut target = None;
-    let mut prereqs: Vec<&OsString> = Vec::new();
+    let mut declared = Declared::default();
     if rest.first().is_some_and(|a| a == "--target") {
         match rest.get(1) {
             Some(t) if t != "--prereqs" && t != "-c" => {
@@ -127,7 +132,14 @@ pub fn sh(args: &[OsString]) -> anyhow::Result<u8> {
     }
     if rest.first().is_some_and(|a| a == "--prereqs") {
         let end = rest.iter().position(|a| a == "--end").ok_or_else(usage)?;
-        prereqs.extend(&rest[1..end]);
+        let words = &rest[1..end];
+        let split = words
+            .iter()
+            .position(|a| a == "--order-only")
+            .unwrap_or(words.len());
+        let bytes = |a: &OsString| a.as_bytes().to_vec();
+        declared.prereqs = words[..split].iter().map(bytes).collect();
+        declared.order_only = words[split..].iter().skip(1).map(bytes).collect();
         rest = &rest[end + 1..];
     }
     let line = match rest {
@@ -142,20 +154,22 @@ pub fn sh(args: &[OsString]) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot run {RECIPE_SHELL}"))?;
         return Ok(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)));
     }
-    let up_to_date = target
-        .as_deref()
-        .is_some_and(|t| up_to_date_by_time(Path::new(t), &prereqs));
-    request(argv, request_env(), target, false, up_to_date)
+    let up_to_date = target.as_deref().is_some_and(|t| {
+        let prereqs: Vec<&[u8]> = declared.prereqs.iter().map(Vec::as_slice).collect();
+        up_to_date_by_time(Path::new(t), &prereqs)
+    });
+    let declared = target.is_some().then_some(declared);
+    request(argv, request_env(), target, declared, false, up_to_date)
 }
 
 /// Whether plain make would find `target` up to date: it exists and no prerequisite is newer
 /// (make compares modification times, following symlinks).
-fn up_to_date_by_time(target: &Path, prereqs: &[&OsString]) -> bool {
+fn up_to_date_by_time(target: &Path, prereqs: &[&[u8]]) -> bool {
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let Some(target_time) = modified(target) else {
         return false;
     };
     prereqs
         .iter()
-        .all(|p| modified(Path::new(p)).is_some_and(|time| time <= target_time))
+        .all(|p| modified(Path::new(OsStr::from_bytes(p))).is_some_and(|time| time <= target_time))
 }

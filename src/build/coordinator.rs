@@ -436,6 +436,7 @@ impl World for std::sync::Arc<RealWorld> {
                         env,
                         cwd,
                         target,
+                        declared: _,
                         skip_if_new,
                     } => {
                         let key = self.key_of(argv, env, cwd, target);

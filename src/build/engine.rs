@@ -22,8 +22,8 @@ use globset::GlobSet;
 use parking_lot::{Condvar, Mutex};
 
 use crate::store::model::{
-    BuildRecord, BuildThunk, ChildCall, Digest, FileKind, Input, InputKind, Observed, Output,
-    OutputState, StatTuple, StorePath, SyncEvent, ThunkId, ThunkKey, Trace, TraceId,
+    BuildRecord, BuildThunk, ChildCall, Declared, Digest, FileKind, Input, InputKind, Observed,
+    Output, OutputState, StatTuple, StorePath, SyncEvent, ThunkId, ThunkKey, Trace, TraceId,
 };
 use crate::store::thunk_id;
 
@@ -338,7 +338,7 @@ struct CallLogInner {
 
 impl CallLog {
     /// A child is requested (`skip_if_new`: see [`Requests::request`]); returns its index.
-    pub fn start(&self, skip_if_new: bool) -> u32 {
+    pub fn start(&self, skip_if_new: bool, declared: Option<Declared>) -> u32 {
         let mut inner = self.inner.lock();
         let index = u32::try_from(inner.children.len()).unwrap_or(u32::MAX);
         inner.children.push(ChildCall {
@@ -347,6 +347,7 @@ impl CallLog {
             stdout: [0; 32],
             stderr: [0; 32],
             skip_if_new,
+            declared,
         });
         inner.events.push(SyncEvent::Start(index));
         index

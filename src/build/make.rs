@@ -297,7 +297,7 @@ pub fn split_goals(args: &[OsString]) -> (Vec<OsString>, Vec<OsString>) {
 /// The arguments that make cot the shell and the recursive make of a make run.
 ///
 /// `SHELL=<cot>`, `.SHELLFLAGS=__sh --target $@ -c` (make splits it into words and expands
-/// `$@` for each target, so a recipe line runs as `<cot> __sh --target TARGET -c LINE`; a
+/// `$@` for each target, so a recipe line runs as `<cot> __sh --target TARGET --prereqs ... --end -c LINE`; a
 /// `$(shell ...)` call, which has no target, runs as `<cot> __sh --target -c COMMAND`) and
 /// `MAKE=<cot> __make`. A `$` in cot's path is doubled, as make expands these values.
 pub fn shell_overrides(cot_exe: &Path) -> Vec<OsString> {
@@ -316,7 +316,7 @@ pub fn shell_overrides(cot_exe: &Path) -> Vec<OsString> {
     };
     vec![
         assign("SHELL", &cot, ""),
-        ".SHELLFLAGS=__sh --target $@ --prereqs $^ --end -c".into(),
+        ".SHELLFLAGS=__sh --target $@ --prereqs $^ --order-only $| --end -c".into(),
         assign("MAKE", &cot, " __make"),
     ]
 }
@@ -1096,7 +1096,7 @@ exit 99
             shell_overrides(Path::new("/opt/co$t/bin/cot")),
             os(&[
                 "SHELL=/opt/co$$t/bin/cot",
-                ".SHELLFLAGS=__sh --target $@ --prereqs $^ --end -c",
+                ".SHELLFLAGS=__sh --target $@ --prereqs $^ --order-only $| --end -c",
                 "MAKE=/opt/co$$t/bin/cot __make",
             ])
         );

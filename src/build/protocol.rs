@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::observe::CheckMode;
-use crate::store::model::{Digest, ThunkKey, Trace, TraceId};
+use crate::store::model::{Declared, Digest, ThunkKey, Trace, TraceId};
 
 pub(crate) use crate::server::{read_message, write_message};
 
@@ -46,6 +46,8 @@ pub enum FromWorker {
         env: Vec<(OsString, OsString)>,
         cwd: PathBuf,
         target: Option<String>,
+        /// The rule's declarations, for a recipe line under `cot make`.
+        declared: Option<Declared>,
         /// A recipe that plain make would not run: if it never ran under cot, it is not run
         /// now either (see `Requests::request`).
         skip_if_new: bool,
@@ -90,6 +92,8 @@ pub enum FromClient {
         env: Vec<(OsString, OsString)>,
         cwd: PathBuf,
         target: Option<String>,
+        /// The rule's prerequisites, for a recipe line under `cot make`.
+        declared: Option<Declared>,
         background: bool,
         /// Plain make would not run this recipe: its target is newer than its prerequisites.
         up_to_date: bool,

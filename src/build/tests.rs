@@ -212,7 +212,7 @@ impl World for Arc<Fake> {
                     ["echo", text] => stdout.push_str(text),
                     ["fail"] => exit_code = 1,
                     ["run", child] => {
-                        let index = calls.start(false);
+                        let index = calls.start(false, None);
                         let outcome = requests.request(key_for(child), false);
                         calls.end(index, &outcome);
                         if outcome.exit_code != 0 {
@@ -221,12 +221,12 @@ impl World for Arc<Fake> {
                         }
                     }
                     ["gated", child] => {
-                        let index = calls.start(true);
+                        let index = calls.start(true, None);
                         let outcome = requests.request(key_for(child), true);
                         calls.end(index, &outcome);
                     }
                     ["bg", child] => {
-                        let index = calls.start(false);
+                        let index = calls.start(false, None);
                         let child = child.to_string();
                         background.push((
                             index,

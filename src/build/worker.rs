@@ -27,6 +27,7 @@ use super::protocol::{
 use crate::cas::Cas;
 use crate::engine::{memo, RunOptions, Thunk};
 use crate::server::Client;
+use crate::store::model::Declared;
 
 /// Entry point of `cot __thunk`.
 pub fn main() -> anyhow::Result<u8> {
@@ -172,9 +173,10 @@ impl Relay {
                 env,
                 cwd,
                 target,
+                declared,
                 background,
                 up_to_date,
-            } => match self.request(argv, env, cwd, target, up_to_date) {
+            } => match self.request(argv, env, cwd, target, declared, up_to_date) {
                 Err(message) => ToClient::Refused { message },
                 Ok((index, receiver)) if background => {
                     self.background.lock().push((index, receiver));
@@ -194,6 +196,7 @@ impl Relay {
         env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
         cwd: PathBuf,
         target: Option<String>,
+        declared: Option<Declared>,
         up_to_date: bool,
     ) -> Result<(u32, mpsc::Receiver<ChildDone>), String> {
         // make runs the lines of a target's recipe one after the other: the first one says
@@ -218,13 +221,14 @@ impl Relay {
         };
         let (sender, receiver) = mpsc::channel();
         self.waiting.lock().insert(request, sender);
-        let index = self.calls.start(skip_if_new);
+        let index = self.calls.start(skip_if_new, declared.clone());
         let message = FromWorker::Child {
             request,
             argv,
             env,
             cwd,
             target,
+            declared,
             skip_if_new,
         };
         write_message(&mut *self.channel.lock(), &message)

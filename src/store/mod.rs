@@ -276,7 +276,7 @@ impl Store {
                     found,
                 })
             }
-            Version::Found(1 | 2) if !read_only => {
+            Version::Found(1..=3) if !read_only => {
                 migrate = true;
                 false
             }
@@ -335,7 +335,7 @@ impl Store {
         Ok(store)
     }
 
-    /// Versions 1 and 2 → 3: drops every thunk, trace, index and build row (their encoding
+    /// Versions 1, 2 and 3 → 4: drops every thunk, trace, index and build row (their encoding
     /// changed; the store is a cache), keeps the file states, and writes the new version, in
     /// one synced batch.
     fn migrate_from_1(&self) -> Result<(), Error> {

@@ -158,6 +158,19 @@ pub struct ChildCall {
     /// The requester would not have run it by its own rules (see
     /// `build::engine::Requests::request`): replayed, it is decided the same way.
     pub skip_if_new: bool,
+    /// What make declared of the recipe this child is a line of (under `cot make`).
+    pub declared: Option<Declared>,
+}
+
+/// A make rule's declarations, as make passed them to a recipe line (`$^` and `$|`): paths as
+/// make wrote them, relative to the child's working directory. The lint's notion of "ordered"
+/// and "declared" under make, and a hermetic recipe's visible inputs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Declared {
+    /// The normal prerequisites (`$^`): the target depends on them.
+    pub prereqs: Vec<Vec<u8>>,
+    /// The order-only prerequisites (`$|`): made first, but not dependencies.
+    pub order_only: Vec<Vec<u8>>,
 }
 
 /// A synchronization operation of a thunk, by index into [`Trace::children`].

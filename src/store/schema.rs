@@ -1,4 +1,4 @@
-//! The trace store's on-disk format, version 3.
+//! The trace store's on-disk format, version 4.
 //!
 //! The store is a RocksDB database, in the project's `.cot/` unless the engine is told otherwise.
 //! Everything in it is described here; changing any of it needs a new [`SCHEMA_VERSION`].
@@ -66,8 +66,8 @@
 //!   MANIFEST, OPTIONS file and empty log) is all that changes. Every later version must
 //!   therefore keep the `meta` column family, with RocksDB's default comparator and this key;
 //! - lower: migrated in one synced batch that also writes the new version. From 1 (before
-//!   nested thunks) and 2 (nested thunks, before make targets in keys and the
-//!   skip-if-new mark of child requests): the rows of `thunks`, `traces`, `readers`,
+//!   nested thunks), 2 (nested thunks, before make targets in keys and the skip-if-new mark
+//!   of child requests) and 3 (before the declared prerequisites of child requests): the rows of `thunks`, `traces`, `readers`,
 //!   `writers` and `builds` are deleted (the trace store is a cache: the thunks run again),
 //!   `files` is kept, `builds` is created if missing.
 //! - missing: a database with no data at all (created, then interrupted before the version was
@@ -95,7 +95,7 @@ use super::model::{StorePath, ThunkId, TraceId};
 use super::MAX_TRACES_PER_THUNK;
 
 /// The format version this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Key of the schema version in [`META`].
 pub const VERSION_KEY: &[u8] = b"schema_version";

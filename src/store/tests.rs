@@ -371,29 +371,29 @@ fn a_future_schema_version_is_refused_with_a_clear_message() {
     store
         .record(&key("cc"), &trace(&["a.c"], &[], 1), &[])
         .unwrap();
-    // Version 4 stores 4 and may add column families.
+    // Version 5 stores 5 and may add column families.
     store
         .db
         .put_cf(
             store.cf(META).unwrap(),
             schema::VERSION_KEY,
-            4u32.to_be_bytes(),
+            5u32.to_be_bytes(),
         )
         .unwrap();
     store
         .db
-        .create_cf("added_in_v4", &rocksdb::Options::default())
+        .create_cf("added_in_v5", &rocksdb::Options::default())
         .unwrap();
     let dir = store.path().to_path_buf();
     drop(store);
 
     let expected = format!(
-        "trace store {0} has schema version 4, this cot understands 3: upgrade cot, or remove {0} \
+        "trace store {0} has schema version 5, this cot understands 4: upgrade cot, or remove {0} \
          to start afresh",
         dir.display()
     );
     let err = Store::open(&dir).unwrap_err();
-    assert!(matches!(err, Error::NewerSchema { found: 4, .. }), "{err}");
+    assert!(matches!(err, Error::NewerSchema { found: 5, .. }), "{err}");
     assert_eq!(err.to_string(), expected);
     let err = Store::open_read_only(&dir).unwrap_err();
     assert_eq!(err.to_string(), expected);
