@@ -163,6 +163,10 @@ impl RealWorld {
         &self.progress
     }
 
+    pub fn cas(&self) -> &Cas {
+        &self.cas
+    }
+
     pub fn paths(&self) -> &Paths {
         &self.paths
     }

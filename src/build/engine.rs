@@ -273,6 +273,16 @@ pub struct Outcome {
     pub first_change: Option<StorePath>,
 }
 
+/// The parent a build's root thunk is named with.
+const ROOT_KEY_PARENT: Option<(ThunkId, u32)> = Some((ROOT_PARENT, 0));
+
+/// The id a build's root thunk (and its build record) has, from the key of its command.
+pub fn root_id(key: &ThunkKey) -> ThunkId {
+    let mut key = key.clone();
+    key.parent = ROOT_KEY_PARENT;
+    thunk_id(&key)
+}
+
 /// A command line for messages and patterns: a recipe line (`sh -c LINE`) is shown as LINE,
 /// anything else as its arguments joined with spaces.
 pub fn command_of(key: &ThunkKey) -> String {
@@ -531,7 +541,7 @@ impl<W: World> Build<W> {
 
     /// Builds from the root thunk `key` (its `parent` is set here).
     pub fn run(&self, mut key: ThunkKey) -> anyhow::Result<Outcome> {
-        key.parent = Some((ROOT_PARENT, 0));
+        key.parent = ROOT_KEY_PARENT;
         let inner = &self.inner;
         let root = thunk_id(&key);
         let record = inner.world.record(&root)?;

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod coordinator;
 pub mod engine;
+pub mod lint;
 pub mod make;
 pub mod progress;
 pub mod protocol;

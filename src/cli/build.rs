@@ -13,6 +13,7 @@ use nix::sys::signal::{SigSet, Signal};
 use super::run::SandboxArgs;
 use crate::build::coordinator::{RealWorld, Settings};
 use crate::build::engine::{self, Build, Mode, Options, Outcome, Resolved, State};
+use crate::build::lint;
 use crate::build::progress::{Progress, Verbosity};
 use crate::build::report::{self, BuildReport, ThunkReport, ThunkState};
 use crate::engine::env::{thunk_env, EnvRule};
@@ -97,8 +98,33 @@ pub struct BuildOptions {
     #[arg(long)]
     keep_stale: bool,
 
+    /// After the build, report what its traces say is wrong with the build description:
+    /// undeclared inputs and outputs, races, time travel, overwritten inputs (see `cot lint
+    /// --help`); `--lint=error` also makes the build fail when anything is found
+    #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1,
+          default_missing_value = "warn", require_equals = true)]
+    lint: Option<LintMode>,
+
+    /// How --lint reports: text on stderr, or one JSON document on stdout
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LintFormat::Text)]
+    lint_format: LintFormat,
+
     #[command(flatten)]
     sandbox: SandboxArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LintMode {
+    /// Report findings; the exit status is the build's
+    Warn,
+    /// Report findings and exit 1 when there are any
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LintFormat {
+    Text,
+    Json,
 }
 
 /// Run a build script as the root thunk; every `cot run` inside it is a thunk of the build
@@ -154,8 +180,10 @@ pub struct MakeArgs {
 
 /// cot's options that take a value, as `cot make` must know them to tell where make's
 /// arguments begin.
-const VALUE_OPTIONS: [&str; 15] = [
+const VALUE_OPTIONS: [&str; 17] = [
     "-j",
+    "--lint",
+    "--lint-format",
     "-C",
     "--jobs",
     "--skip",
@@ -173,7 +201,8 @@ const VALUE_OPTIONS: [&str; 15] = [
 ];
 
 /// cot's options without a value.
-const FLAG_OPTIONS: [&str; 22] = [
+const FLAG_OPTIONS: [&str; 23] = [
+    "--lint",
     "-k",
     "-n",
     "-q",
@@ -252,6 +281,47 @@ pub struct StatusArgs {
     all: bool,
 }
 
+/// Report what the last build's traces say is wrong with its description, without building
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Report what the last build's traces say is wrong with the build description \
+(its Cotfile, or its Makefile under `cot make`), without building. `cot build --lint` and `cot \
+make --lint` do the same after building.\n\n\
+Findings, each naming the thunk (its command and, under make, its target), the path and the other \
+thunk involved:\n\
+- undeclared input: a thunk read a file another thunk of the build writes, and nothing orders it \
+after that writer (under make: a recipe read a project file its target does not depend on, \
+directly or through other rules);\n\
+- undeclared output: a recipe wrote a file other than its target (or what lies under a target \
+that is a directory);\n\
+- race: two thunks that nothing orders both write a path, or one writes what the other reads;\n\
+- time travel: a thunk read a file as an earlier build left it, and this build rewrote it \
+afterwards;\n\
+- input overwritten: a thunk wrote a source file of the build.\n\n\
+Ordered means guaranteed by the build: a child whose result its parent had before requesting \
+another; under make, a target among another's prerequisites ($^ and $|, transitively). Reads \
+are reads of contents, links and failed lookups. Paths that say nothing about the build are \
+ignored: /proc, /sys, /dev, /run, /tmp, /var/tmp, /var/cache, the loader cache, locales, \
+/etc/{localtime,resolv.conf,nsswitch.conf,hosts,passwd,group}, __pycache__; add globs in \
+cot.toml: `[lint]` `ignore = [\"gen/*.log\"]` (relative globs are relative to the project root; \
+the top-level `ignore` list counts too).\n\n\
+Exit status: 0; with --error, 1 when anything is found; 125 when cot failed.",
+    after_help = "Examples:\n  cot make --lint\n  cot lint --format json\n  cot build --lint=error"
+)]
+pub struct LintArgs {
+    /// Change to DIR first
+    #[arg(short = 'C', long = "directory", value_name = "DIR")]
+    directory: Option<PathBuf>,
+
+    /// Text on stderr, or one JSON document on stdout
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LintFormat::Text)]
+    format: LintFormat,
+
+    /// Exit 1 when anything is found
+    #[arg(long)]
+    error: bool,
+}
+
 /// Inside a build: wait for the thunks started with `cot run --bg`
 #[derive(Debug, Args)]
 pub struct WaitArgs {}
@@ -269,6 +339,17 @@ struct Config {
     #[serde(default)]
     env: Vec<String>,
     /// Input paths (globs) whose changes never make a thunk run.
+    #[serde(default)]
+    ignore: Vec<String>,
+    #[serde(default)]
+    lint: LintConfig,
+}
+
+/// `[lint]` in cot.toml.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LintConfig {
+    /// Paths (globs) the lint never reports, besides its defaults.
     #[serde(default)]
     ignore: Vec<String>,
 }
@@ -446,7 +527,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         });
     }
     let build = Build::new(world.clone(), engine_options);
-    let outcome = build.run(key)?;
+    let outcome = build.run(key.clone())?;
     world.progress().done();
 
     if options.dry_run || options.explain {
@@ -460,6 +541,15 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
     }
     if !options.question {
         summarize(&outcome, &paths);
+    }
+    let mut lint_failed = false;
+    if let Some(mode) = options.lint {
+        if options.dry_run || options.question {
+            eprintln!("cot: lint: nothing built, nothing linted (`cot lint` reads the last build)");
+        } else {
+            let found = report_lint(&world, &key, &project_root, options.lint_format)?;
+            lint_failed = mode == LintMode::Error && found > 0;
+        }
     }
     if let Some(path) = &options.report {
         let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -483,7 +573,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         .any(|t| t.reason.starts_with("cot failed"))
     {
         crate::cli::EXIT_COT_FAILED
-    } else if outcome.exit_code != 0 {
+    } else if outcome.exit_code != 0 || lint_failed {
         1
     } else {
         0
@@ -499,6 +589,95 @@ fn block_signals() -> Result<SigSet> {
     set.add(Signal::SIGHUP);
     set.thread_block().context("cannot block signals")?;
     Ok(set)
+}
+
+/// The last build of the project around DIR (or the working directory): the project root,
+/// the root thunk's key and a world to look at it through.
+fn open_last_build(dir: Option<&Path>) -> Result<(PathBuf, ThunkKey, Arc<RealWorld>)> {
+    if let Some(dir) = dir {
+        std::env::set_current_dir(dir)
+            .with_context(|| format!("cannot change to directory {}", dir.display()))?;
+    }
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let project_root = crate::engine::project::find_root(&cwd);
+    let last = project_root
+        .join(crate::engine::project::STATE_DIR)
+        .join(LAST_BUILD);
+    let bytes = std::fs::read(&last).map_err(|_| {
+        anyhow::anyhow!(
+            "no build recorded in {} ({} is missing): run `cot build` or `cot make` first",
+            project_root.display(),
+            last.display()
+        )
+    })?;
+    let key: ThunkKey = postcard::from_bytes(&bytes)
+        .with_context(|| format!("{} is not a build record", last.display()))?;
+    let config = load_config(&project_root)?;
+    let memo_options = crate::engine::memo::MemoOptions {
+        store: None,
+        cache: None,
+        check: CheckMode::MtimeThenDigest,
+        no_cache: false,
+        cache_failures: false,
+    };
+    let (store, cas) = crate::engine::memo::store_dirs(&project_root, &memo_options);
+    let settings = Settings {
+        project_root: project_root.clone(),
+        system_root: PathBuf::from(std::ffi::OsStr::new(
+            std::str::from_utf8(&key.system_root).unwrap_or("/"),
+        )),
+        writable: Vec::new(),
+        hide: config.hide.clone(),
+        rootless: !nix::unistd::geteuid().is_root(),
+        store,
+        cas,
+        check: CheckMode::MtimeThenDigest,
+        no_passthrough: false,
+        jobs: 1,
+        ignore: crate::build::globs(&config.ignore)?,
+        make_shell: false,
+    };
+    let world = Arc::new(RealWorld::new(
+        settings,
+        Progress::from_env(Verbosity::Quiet),
+    )?);
+    Ok((project_root, key, world))
+}
+
+/// `cot lint`: the last build's findings.
+pub fn lint(args: LintArgs) -> Result<u8> {
+    let (project_root, key, world) = open_last_build(args.directory.as_deref())?;
+    let count = report_lint(&world, &key, &project_root, args.format)?;
+    Ok(u8::from(args.error && count > 0))
+}
+
+/// Lints the recorded build of `root` and prints its findings; returns how many there are.
+fn report_lint(
+    world: &Arc<RealWorld>,
+    root: &ThunkKey,
+    project_root: &Path,
+    format: LintFormat,
+) -> Result<usize> {
+    let config = load_config(project_root)?;
+    let paths = Paths::new(project_root);
+    let inputs = crate::build::globs(&config.ignore)?;
+    let ignore = lint::Ignore::new(&config.lint.ignore, Some((inputs, paths.clone())))?;
+    let thunks = lint::load(world, &engine::root_id(root))?;
+    let produced = |digest: &crate::store::model::Digest| world.cas().contains(digest);
+    let findings = lint::lint(
+        &thunks,
+        &lint::LintContext {
+            paths: &paths,
+            ignore: &ignore,
+            produced: &produced,
+            content: &|digest| world.cas().read(digest).ok(),
+        },
+    );
+    match format {
+        LintFormat::Text => eprint!("{}", lint::render_text(&findings)),
+        LintFormat::Json => print!("{}", lint::render_json(&findings)),
+    }
+    Ok(findings.len())
 }
 
 /// Keeps the root thunk's key, for `cot status`.
@@ -638,53 +817,7 @@ fn build_report(
 }
 
 pub fn status(args: StatusArgs) -> Result<u8> {
-    if let Some(dir) = &args.directory {
-        std::env::set_current_dir(dir)
-            .with_context(|| format!("cannot change to directory {}", dir.display()))?;
-    }
-    let cwd = std::env::current_dir().context("cannot read the working directory")?;
-    let project_root = crate::engine::project::find_root(&cwd);
-    let last = project_root
-        .join(crate::engine::project::STATE_DIR)
-        .join(LAST_BUILD);
-    let bytes = std::fs::read(&last).map_err(|_| {
-        anyhow::anyhow!(
-            "no build recorded in {} ({} is missing): run `cot build` or `cot make` first",
-            project_root.display(),
-            last.display()
-        )
-    })?;
-    let key: ThunkKey = postcard::from_bytes(&bytes)
-        .with_context(|| format!("{} is not a build record", last.display()))?;
-    let config = load_config(&project_root)?;
-    let memo_options = crate::engine::memo::MemoOptions {
-        store: None,
-        cache: None,
-        check: CheckMode::MtimeThenDigest,
-        no_cache: false,
-        cache_failures: false,
-    };
-    let (store, cas) = crate::engine::memo::store_dirs(&project_root, &memo_options);
-    let settings = Settings {
-        project_root: project_root.clone(),
-        system_root: PathBuf::from(std::ffi::OsStr::new(
-            std::str::from_utf8(&key.system_root).unwrap_or("/"),
-        )),
-        writable: Vec::new(),
-        hide: config.hide.clone(),
-        rootless: !nix::unistd::geteuid().is_root(),
-        store,
-        cas,
-        check: CheckMode::MtimeThenDigest,
-        no_passthrough: false,
-        jobs: 1,
-        ignore: crate::build::globs(&config.ignore)?,
-        make_shell: false,
-    };
-    let world = Arc::new(RealWorld::new(
-        settings,
-        Progress::from_env(Verbosity::Quiet),
-    )?);
+    let (project_root, key, world) = open_last_build(args.directory.as_deref())?;
     let build = Build::new(
         world,
         Options {

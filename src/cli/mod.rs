@@ -42,6 +42,7 @@ enum Command {
         args: Vec<std::ffi::OsString>,
     },
     Status(build::StatusArgs),
+    Lint(build::LintArgs),
     Wait(build::WaitArgs),
     Show(inspect::ShowArgs),
     Query(inspect::QueryArgs),
@@ -65,7 +66,8 @@ enum Command {
 }
 
 /// cot's commands, as the first argument.
-const COMMANDS: [&str; 16] = [
+const COMMANDS: [&str; 17] = [
+    "lint",
     "run",
     "build",
     "make",
@@ -117,6 +119,7 @@ pub fn main() -> ExitCode {
         Command::Build(args) => build::build(args),
         Command::Make { args } => build::make_main(args),
         Command::Status(args) => build::status(args),
+        Command::Lint(args) => build::lint(args),
         Command::Wait(args) => build::wait(args),
         Command::Thunk => crate::build::worker::main(),
         Command::Sh { args } => crate::build::client::sh(&args),

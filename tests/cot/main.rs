@@ -11,6 +11,7 @@ mod crash;
 mod inspect;
 mod isolation;
 mod lifecycle;
+mod lint;
 mod memo;
 mod memo_props;
 mod rootless;
