@@ -141,7 +141,8 @@ Outputs that were deleted or changed by hand are restored when the build produce
 nobody else (its products) or when a thunk that runs needs them; otherwise they are reported as \
 damaged. Outputs of thunks that are no longer requested are deleted at the end (--keep-stale \
 keeps them).\n\n\
-Defaults can be set in cot.toml at the project root: jobs, hide, writable, env, ignore.\n\n\
+Defaults can be set in cot.toml at the project root: jobs, hide, writable, env, ignore, and \
+[lint] ignore.\n\n\
 Exit status: 0 success; 1 a thunk failed (or, with -q, something would run); 2 usage error; \
 125 cot itself failed; 130 interrupted.",
     after_help = "Examples:\n  cot build\n  cot build -j8 --report build.html ./ci/build.sh release\n  \

@@ -468,3 +468,41 @@ fn bzip2_under_cot_make_lint() {
     got.sort();
     assert_eq!(got, expected);
 }
+
+/// A Cotfile that reads a file before the step that writes it: after an edit, the reader sees
+/// what the earlier build left, and the writer rewrites it later in the same build.
+#[test]
+fn cotfile_time_travel() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let cot_path = shared_cot_bin().to_str().unwrap().to_string();
+    let project = Project::new();
+    project.write(
+        "Cotfile",
+        &format!(
+            "#!/bin/sh\nset -e\n\
+             {cot_path} run -- sh -c 'cat gen.txt > copy.txt 2>/dev/null; true'\n\
+             {cot_path} run -- sh -c 'cat src > gen.txt'\n"
+        ),
+    );
+    std::fs::set_permissions(
+        project.root().join("Cotfile"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    project.write("src", "one\n");
+    for content in ["one\n", "two\n"] {
+        project.write("src", content);
+        let run = cot(&project, &["build"]);
+        assert_eq!(run.status, 0, "{}{}", run.stdout, run.stderr);
+    }
+    assert_eq!(
+        findings(&project),
+        vec![found(
+            "time-travel",
+            "gen.txt",
+            "sh -c cat gen.txt > copy.txt 2>/dev/null; true",
+            Some("sh -c cat src > gen.txt"),
+        )]
+    );
+}
