@@ -486,8 +486,10 @@ struct Graph<'a> {
     parent: Vec<Option<usize>>,
     /// Index of each thunk in its parent's `children`.
     slot: Vec<Option<u32>>,
-    /// The target of each recipe line (a thunk with declarations whose own children are not
-    /// recipes: a line that runs a sub-make reads as make does).
+    /// The target of each recipe line (a thunk with declarations).
+    rule: Vec<Option<StorePath>>,
+    /// The same for the recipe lines whose own children are not recipes (a line that runs a
+    /// sub-make reads as make does: it is not checked as a recipe).
     recipe: Vec<Option<StorePath>>,
     /// Each target's prerequisites (normal and order-only), resolved.
     rules: HashMap<StorePath, BTreeSet<StorePath>>,
@@ -533,6 +535,7 @@ impl<'a> Graph<'a> {
                     .any(|c| c.declared.is_some())
             })
             .collect();
+        let mut rule = vec![None; thunks.len()];
         let mut recipe = vec![None; thunks.len()];
         let mut rules: HashMap<StorePath, BTreeSet<StorePath>> = HashMap::new();
         let mut directories = HashSet::new();
@@ -565,8 +568,9 @@ impl<'a> Graph<'a> {
                 made.insert(target.clone());
             }
             if !runs_make[i] {
-                recipe[i] = Some(target);
+                recipe[i] = Some(target.clone());
             }
+            rule[i] = Some(target);
         }
         // Dependency files: what a recipe wrote that its make includes (automake's
         // `.deps/*.Po`, gcc's `-MD` files included by the Makefile once they exist). make knows what they list from the
@@ -611,6 +615,7 @@ impl<'a> Graph<'a> {
             thunks,
             parent,
             slot,
+            rule,
             recipe,
             rules,
             closure: HashMap::new(),
@@ -774,17 +779,7 @@ impl<'a> Graph<'a> {
     /// The target `t` (a direct child of a make) is a recipe line of, also for a line that
     /// runs a sub-make.
     fn rule_of(&self, t: usize) -> Option<&StorePath> {
-        if let Some(r) = self.recipe(t) {
-            return Some(r);
-        }
-        let thunk = &self.thunks[t];
-        let p = self.parent[t]?;
-        let call = self.thunks[p].trace.children.get(self.slot[t]? as usize)?;
-        call.declared.as_ref()?;
-        let target = thunk.key.target.as_ref()?;
-        self.rules
-            .keys()
-            .find(|k| display_path(k).as_bytes().ends_with(target))
+        self.rule[t].as_ref()
     }
 
     /// Whether `parent`'s trace shows child `a`'s result arriving before `b` was requested.
