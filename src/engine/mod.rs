@@ -171,6 +171,8 @@ pub fn execute_with(
         fuse_fsname: "cot".into(),
         hostname: None,
         tmp_keep: Vec::new(),
+        tmp_dirs: Vec::new(),
+        host_network: false,
         stdout: None,
         stderr: None,
         socket: options.socket.clone(),
