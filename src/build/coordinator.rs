@@ -113,7 +113,7 @@ pub struct RealWorld {
     settings: Settings,
     paths: Paths,
     binds: Binds,
-    hidden: GlobSet,
+    hidden: cot_fusefs::HideRule,
     pool: Pool,
     /// `lstat`s of paths no thunk can change, shared by every check of the build.
     stats: StatCache,
@@ -133,7 +133,7 @@ impl RealWorld {
             &template,
             &settings.project_root,
         )?);
-        let hidden = cot_fusefs::hide_set(&settings.hide)?;
+        let hidden = crate::engine::hide_rule(&template)?;
         let cas = Cas::open(&settings.cas)?;
         let exe = std::env::current_exe().context("cannot find cot's own executable")?;
         // What thunks can write: the project and the writable directories (as real paths),

@@ -17,7 +17,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cot_fusefs::{Access, CommitSummary, Options, ProxyFs};
+use cot_fusefs::{Access, CommitSummary, HideRule, Options, ProxyFs};
 use cot_sandbox::{Outcome, Spec};
 
 /// Where the sandbox's special filesystems are mounted over the FUSE root.
@@ -284,12 +284,21 @@ fn fs_options(
         binds,
         writable,
         hide: thunk.hide.clone(),
+        hide_elsewhere: Vec::new(),
+        unhidden: Vec::new(),
+        conceal: None,
         internal: vec![project_root.join(project::STATE_DIR)],
         mountpoints,
         layer_dir: layer_dir.to_path_buf(),
         passthrough,
         ttl: VIEW_TTL,
     })
+}
+
+/// What the thunk's view hides (`--hide`): the filesystem and the observers of the thunk's
+/// inputs agree on it.
+pub fn hide_rule(thunk: &Thunk) -> Result<HideRule, Error> {
+    Ok(HideRule::new(&thunk.hide, &[], &[])?)
 }
 
 /// The project and the `--writable` directories, canonical.
