@@ -20,9 +20,8 @@ use crate::engine::{RunOptions, Thunk};
     long_about = "Run one command as a thunk in the sandbox and record every file it accessed.\n\n\
 The command runs in new mount, pid, uts, ipc and network (loopback only, unless --net) \
 namespaces, as root directly or, for other users, inside a user namespace mapping the caller's \
-uid and gid. Its `/` is \
-cot's FUSE view of the real system (or of --system-root); /proc is its own, /dev holds only the \
-usual devices, /sys is read-only and /tmp is private and empty. The working directory, stdin, \
+uid and gid. Its `/` is cot's FUSE view of the real system (or of --system-root); /proc is its \
+own, /dev holds only the usual devices, /sys is read-only and /tmp is private and empty. The working directory, stdin, \
 stdout and stderr are the caller's.\n\n\
 Only the project directory (the nearest ancestor holding .cot/, else the working directory), the \
 private /tmp and --writable directories are writable; elsewhere writes fail with EROFS. Writes are \
@@ -96,8 +95,10 @@ pub struct SandboxArgs {
     #[arg(long)]
     pub inherit_env: bool,
 
-    /// Hermetic mode. Inside the project a thunk sees every directory but only the files it
-    /// declared: a make recipe line its target and prerequisites ($@, $^, $|; a directory with
+    /// Hermetic mode: see only the declared files of the project, and nothing of homes and
+    /// credentials
+    ///
+    /// Inside the project a thunk sees every directory but only the files it declared: a make recipe line its target and prerequisites ($@, $^, $|; a directory with
     /// everything under it), every thunk the --allow globs; the root of a build (the Cotfile,
     /// make itself, and make's sub-makes and $(shell ...)) sees the whole project. Anything else
     /// looks absent: the read fails and the failure names the file. Outside the project a

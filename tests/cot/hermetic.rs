@@ -197,6 +197,23 @@ fn a_sub_make_reads_its_makefile_and_its_recipes_are_hermetic() {
 }
 
 #[test]
+fn directory_and_order_only_prerequisites_and_shell_calls_are_seen() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let p = Project::new();
+    p.write(
+        "Makefile",
+        "VERSION := $(shell cat VERSION)\n\
+         out: data | stamp\n\tcat data/deep/x stamp > $@; echo $(VERSION) >> $@\n",
+    );
+    p.write("VERSION", "1.2\n");
+    p.write("data/deep/x", "x\n");
+    p.write("stamp", "s\n");
+    assert_ok(&cot(&p, &["make", "--hermetic"]), "make");
+    assert_eq!(p.read("out").as_deref(), Some("x\ns\n1.2\n"));
+}
+
+#[test]
 fn a_hermetic_cot_run_sees_only_allowed_files() {
     require_sandbox!();
     let _machine = machine_shared();
