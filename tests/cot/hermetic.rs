@@ -2,8 +2,8 @@
 //! project, nothing of the homes and credentials outside it, an empty private HOME, and no
 //! network unless asked; an undeclared read fails and the failure names the file.
 //!
-//! The make project: `prog` from `main.o`, `main.c` includes `hdr.h` (and `<stdio.h>`, from
-//! outside the project). Every build runs the shared copy of the cot binary, as make's shell
+//! The make project: `prog` from `main.o` (its rule runs it), `main.c` includes `hdr.h` (and
+//! `<stdio.h>`, from outside the project). Every build runs the shared copy of the cot binary, as make's shell
 //! must be reachable by the rootless user too.
 
 use std::collections::BTreeMap;
@@ -25,7 +25,8 @@ const HDR_H: &str = "#define ANSWER 42\n";
 fn makefile(declares_header: bool) -> String {
     let header = if declares_header { " hdr.h" } else { "" };
     format!(
-        "prog: main.o\n\tcc -o prog main.o\n\nmain.o: main.c{header}\n\tcc -c -o main.o main.c\n"
+        "prog: main.o\n\tcc -o prog main.o\n\t./prog\n\n\
+         main.o: main.c{header}\n\tcc -c -o main.o main.c\n"
     )
 }
 
@@ -62,10 +63,10 @@ fn products(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// Checks that the project's products are those of a plain `make` of the same sources in a
-/// fresh directory, and that the program works.
+/// Checks that the output of a `cot make` (`run`) and the project's products are those of a
+/// plain `make -s` (cot make's default) of the same sources in a fresh directory.
 #[track_caller]
-fn assert_like_plain_make(p: &Project, declares_header: bool) {
+fn assert_like_plain_make(p: &Project, run: &Run, declares_header: bool) {
     let fresh = tempfile::Builder::new()
         .prefix("plain-make-")
         .tempdir_in("/var/tmp")
@@ -73,13 +74,15 @@ fn assert_like_plain_make(p: &Project, declares_header: bool) {
     fs::write(fresh.path().join("main.c"), MAIN_C).unwrap();
     fs::write(fresh.path().join("hdr.h"), HDR_H).unwrap();
     fs::write(fresh.path().join("Makefile"), makefile(declares_header)).unwrap();
-    let status = Command::new("make")
+    let plain = Command::new("make")
         .arg("-s")
         .current_dir(fresh.path())
         .stdin(Stdio::null())
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "plain make failed");
+    assert!(plain.status.success(), "plain make failed");
+    assert_eq!(run.stdout, String::from_utf8_lossy(&plain.stdout));
+    assert_eq!(run.stdout, "42\n");
     let ours = products(p.root());
     assert_eq!(
         ours.keys().collect::<Vec<_>>(),
@@ -87,8 +90,6 @@ fn assert_like_plain_make(p: &Project, declares_header: bool) {
         "what cot make made"
     );
     assert!(ours == products(fresh.path()), "not what plain make makes");
-    let output = Command::new(p.root().join("prog")).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "42\n");
 }
 
 #[test]
@@ -126,7 +127,7 @@ fn a_declared_header_builds_what_plain_make_builds() {
     let p = make_project(true);
     let run = cot(&p, &["make", "--hermetic"]);
     assert_ok(&run, "hermetic build with the header declared");
-    assert_like_plain_make(&p, true);
+    assert_like_plain_make(&p, &run, true);
     // Nothing changed: nothing runs; the hermetic thunks are thunks of their own.
     let again = cot(&p, &["make", "--hermetic"]);
     assert_ok(&again, "hermetic no-op");
@@ -142,16 +143,15 @@ fn allow_globs_show_undeclared_files_from_the_command_line_and_cot_toml() {
     require_sandbox!();
     let _machine = machine_shared();
     let p = make_project(false);
-    assert_ok(
-        &cot(&p, &["make", "--hermetic", "--allow", "hdr.h"]),
-        "--allow hdr.h",
-    );
-    assert_like_plain_make(&p, false);
+    let run = cot(&p, &["make", "--hermetic", "--allow", "hdr.h"]);
+    assert_ok(&run, "--allow hdr.h");
+    assert_like_plain_make(&p, &run, false);
 
     let q = make_project(false);
     q.write("cot.toml", "hermetic = true\nallow = [\"*.h\"]\n");
-    assert_ok(&cot(&q, &["make"]), "cot.toml hermetic and allow");
-    assert_like_plain_make(&q, false);
+    let run = cot(&q, &["make"]);
+    assert_ok(&run, "cot.toml hermetic and allow");
+    assert_like_plain_make(&q, &run, false);
     // cot.toml's hermetic alone: the header is concealed again.
     let r = make_project(false);
     r.write("cot.toml", "hermetic = true\n");
@@ -336,7 +336,7 @@ fn rootless_hermetic_build_and_network() {
     let p = make_project(true);
     let run = cot_as_test_user(&p, &["make", "--hermetic"]);
     assert_ok(&run, "rootless hermetic make");
-    assert_like_plain_make(&p, true);
+    assert_like_plain_make(&p, &run, true);
     let q = make_project(false);
     let run = cot_as_test_user(&q, &["make", "--hermetic"]);
     assert_ne!(run.status, 0, "{}", run.describe());
