@@ -56,7 +56,7 @@ pub(crate) fn commit(
     state: &LayerState,
     stop: Option<usize>,
 ) -> Result<(CommitSummary, usize), Error> {
-    let (journal, binds) = Planner::new(cfg, state).plan()?;
+    let (journal, binds, _) = Planner::new(cfg, state).plan()?;
     let count = journal.ops.len();
     if count == 0 {
         if stop.is_none() {
@@ -119,7 +119,7 @@ pub(crate) fn publish(
     open: &HashSet<(u64, u64)>,
     stop: Option<usize>,
 ) -> Result<(CommitSummary, usize), Error> {
-    let (mut journal, binds) = Planner::new(cfg, state).plan()?;
+    let (mut journal, binds, moved) = Planner::new(cfg, state).plan()?;
     let count = journal.ops.len();
     if count == 0 && stop.is_some() {
         return Ok((journal.summary, 0));
@@ -168,7 +168,7 @@ pub(crate) fn publish(
             cfg.layer_dir
         );
     }
-    state.published(&kept);
+    state.published(&kept, moved);
     Ok((journal.summary, count))
 }
 
@@ -312,7 +312,9 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn plan(mut self) -> Result<(Journal, Vec<usize>), Error> {
+    /// The journal, the indexes into `cfg.binds` of its roots, and the view paths of the
+    /// non-directories it puts in place.
+    fn plan(mut self) -> Result<(Journal, Vec<usize>, Vec<PathBuf>), Error> {
         let root = real::open_beneath(
             self.cfg.layer_fd.as_fd(),
             Path::new("."),
@@ -357,6 +359,7 @@ impl<'a> Planner<'a> {
 
         // Directories, then moves, then directory metadata.
         let upper = std::mem::take(&mut self.upper);
+        let mut moved = Vec::new();
         let mut metas = Vec::new();
         for (view, st) in &upper {
             if !real::is_dir(st) {
@@ -393,6 +396,7 @@ impl<'a> Planner<'a> {
             let dst = self.place(view, false)?;
             let src = upper_rel(view).to_path_buf();
             self.journal.ops.push(Op::Move { src, dst });
+            moved.push(view.clone());
         }
         metas.sort_by_key(|(view, _)| Reverse(view.components().count()));
         for (view, st) in metas {
@@ -406,7 +410,7 @@ impl<'a> Planner<'a> {
             let place = self.place(view, true)?;
             self.journal.ops.push(Op::Meta(place, meta));
         }
-        Ok((self.journal, self.binds))
+        Ok((self.journal, self.binds, moved))
     }
 
     /// Records the upper entries under the upper directory `upper` (view path `view`).

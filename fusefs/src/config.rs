@@ -9,7 +9,7 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{Mode, OFlags};
 
-use crate::{Error, Options};
+use crate::{Conceal, Error, Options};
 
 /// A view subtree served from a real directory.
 pub(crate) struct Bind {
@@ -24,8 +24,9 @@ pub(crate) struct Config {
     /// Longest view path first, so the first match is the longest prefix.
     pub(crate) binds: Vec<Bind>,
     pub(crate) writable: Vec<PathBuf>,
-    pub(crate) hide: Option<GlobSet>,
+    pub(crate) hide: HideRule,
     pub(crate) internal: Vec<PathBuf>,
+    pub(crate) conceal: Option<Concealment>,
     /// The given mount points and all their ancestors (except `/`).
     pub(crate) mountpoints: HashSet<PathBuf>,
     /// Bind views and mount points: renaming or removing them (or a directory holding one, or
@@ -123,11 +124,11 @@ impl Config {
             internal.push(normalize(i));
         }
 
-        let hide = if opts.hide.is_empty() {
-            None
-        } else {
-            Some(hide_set(&opts.hide)?)
-        };
+        for u in &opts.unhidden {
+            check_absolute(u)?;
+        }
+        let hide = HideRule::new(&opts.hide, &opts.hide_elsewhere, &opts.unhidden)?;
+        let conceal = opts.conceal.as_ref().map(Concealment::new).transpose()?;
 
         let mut given = Vec::new();
         for m in &opts.mountpoints {
@@ -181,6 +182,7 @@ impl Config {
             writable,
             hide,
             internal,
+            conceal,
             mountpoints,
             pinned,
             extra_children,
@@ -234,7 +236,13 @@ impl Config {
     }
 
     pub(crate) fn is_hidden(&self, view: &Path) -> bool {
-        self.hide.as_ref().is_some_and(|h| h.is_match(view))
+        self.hide.is_hidden(view)
+    }
+
+    /// Whether a real entry at `view` that is not a directory is concealed by the rule (the
+    /// layer decides whether the thunk's own writes show anyway).
+    pub(crate) fn conceals(&self, view: &Path) -> bool {
+        self.conceal.as_ref().is_some_and(|c| c.conceals(view))
     }
 
     /// Whether `view` is a mount point, a bind view, or holds one (or an internal path).
@@ -254,10 +262,71 @@ pub(crate) fn upper_rel(view: &Path) -> &Path {
     }
 }
 
-/// Compiles `--hide` patterns as the view matches them: globs over absolute view paths where
-/// `*` stops at `/`. Also used by the caller to leave hidden names out of what it computes
-/// from the real tree, so both agree on what the thunk could see.
-pub fn hide_set(patterns: &[String]) -> Result<GlobSet, Error> {
+/// [`Conceal`] compiled.
+pub(crate) struct Concealment {
+    roots: Vec<PathBuf>,
+    visible: GlobSet,
+}
+
+impl Concealment {
+    fn new(rule: &Conceal) -> Result<Concealment, Error> {
+        let mut roots = Vec::new();
+        for root in &rule.roots {
+            check_absolute(root)?;
+            roots.push(normalize(root));
+        }
+        Ok(Concealment {
+            roots,
+            visible: glob_set(&rule.visible)?,
+        })
+    }
+
+    fn conceals(&self, view: &Path) -> bool {
+        self.roots.iter().any(|r| view.starts_with(r) && view != r) && !self.visible.is_match(view)
+    }
+}
+
+/// Which view paths look absent: those matching a `hide` glob, and those matching a
+/// `hide_elsewhere` glob except the `unhidden` paths, what lies under them and the directories
+/// leading to them (see [`crate::Options::hide`]). The caller uses the same rule to leave
+/// hidden names out of what it computes from the real tree, so both agree on what the thunk
+/// could see.
+#[derive(Clone, Debug)]
+pub struct HideRule {
+    hide: GlobSet,
+    elsewhere: GlobSet,
+    unhidden: Vec<PathBuf>,
+}
+
+impl HideRule {
+    /// Compiles the globs (over absolute view paths, `*` stops at `/` and `**` crosses
+    /// directories); `unhidden` are absolute view paths.
+    pub fn new(
+        hide: &[String],
+        hide_elsewhere: &[String],
+        unhidden: &[PathBuf],
+    ) -> Result<HideRule, Error> {
+        Ok(HideRule {
+            hide: glob_set(hide)?,
+            elsewhere: glob_set(hide_elsewhere)?,
+            unhidden: unhidden.iter().map(|u| normalize(u)).collect(),
+        })
+    }
+
+    /// Whether the view path `view` looks absent.
+    pub fn is_hidden(&self, view: &Path) -> bool {
+        (!self.hide.is_empty() && self.hide.is_match(view))
+            || (!self.elsewhere.is_empty()
+                && self.elsewhere.is_match(view)
+                && !self
+                    .unhidden
+                    .iter()
+                    .any(|u| u.starts_with(view) || view.starts_with(u)))
+    }
+}
+
+/// Compiles globs as the view matches them: over absolute view paths, `*` stopping at `/`.
+pub fn glob_set(patterns: &[String]) -> Result<GlobSet, Error> {
     let mut set = GlobSetBuilder::new();
     for pattern in patterns {
         let glob = GlobBuilder::new(pattern)
@@ -273,4 +342,59 @@ pub fn hide_set(patterns: &[String]) -> Result<GlobSet, Error> {
         pattern: patterns.join(" "),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(hide: &[&str], elsewhere: &[&str], unhidden: &[&str]) -> HideRule {
+        let strings = |globs: &[&str]| globs.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let unhidden: Vec<PathBuf> = unhidden.iter().map(PathBuf::from).collect();
+        HideRule::new(&strings(hide), &strings(elsewhere), &unhidden).expect("valid globs")
+    }
+
+    #[test]
+    fn unhidden_paths_and_the_way_to_them_stay_visible_elsewhere_only() {
+        let hide = rule(
+            &["/home/u/proj/secret"],
+            &["/home", "/home/**", "**/.ssh"],
+            &["/home/u/proj"],
+        );
+        for visible in [
+            "/home",
+            "/home/u",
+            "/home/u/proj",
+            "/home/u/proj/.ssh",
+            "/usr",
+        ] {
+            assert!(!hide.is_hidden(Path::new(visible)), "{visible}");
+        }
+        for hidden in [
+            "/home/v",
+            "/home/u/.ssh",
+            "/home/u/project",
+            "/var/x/.ssh",
+            "/home/u/proj/secret",
+        ] {
+            assert!(hide.is_hidden(Path::new(hidden)), "{hidden}");
+        }
+        let nothing = rule(&[], &[], &[]);
+        assert!(!nothing.is_hidden(Path::new("/home")));
+    }
+
+    #[test]
+    fn concealment_keeps_roots_and_visible_globs() {
+        let rule = Conceal {
+            roots: vec!["/p".into()],
+            visible: vec!["/p/a.c".into(), "/p/inc/**".into(), "/p/*.h".into()],
+        };
+        let c = Concealment::new(&rule).expect("valid globs");
+        for shown in ["/p", "/p/a.c", "/p/inc/x/y.h", "/p/z.h", "/q/secret", "/pa"] {
+            assert!(!c.conceals(Path::new(shown)), "{shown}");
+        }
+        for concealed in ["/p/b.c", "/p/sub/z.h", "/p/a.c.orig"] {
+            assert!(c.conceals(Path::new(concealed)), "{concealed}");
+        }
+    }
 }

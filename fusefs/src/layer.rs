@@ -3,8 +3,8 @@
 //! A view path's state is, in order: the upper entry at `layer_dir/<view path>` if there is
 //! one; else absent when the path or an ancestor is whited out (deleted by the thunk) or an
 //! ancestor is opaque (a directory the thunk created, or moved as a whole); else the lower
-//! entry in the bound real tree; else a synthetic empty directory when the path is a mount
-//! point; else absent. Whiteouts and opaque marks live in memory: the layer directory holds
+//! entry in the bound real tree, unless the concealment rule hides it (see [`crate::Conceal`]);
+//! else a synthetic empty directory when the path is a mount point; else absent. Whiteouts and opaque marks live in memory: the layer directory holds
 //! only real files, so it needs no privileges and commit can rename them into place.
 
 use std::collections::HashSet;
@@ -63,6 +63,9 @@ pub(crate) struct LayerState {
     pub(crate) dirty_dirs: HashSet<PathBuf>,
     /// Set by commit or discard: the layer is gone, further changes fail with EROFS.
     pub(crate) sealed: bool,
+    /// Real entries that show although the concealment rule covers them: the thunk's own
+    /// files once published, and what [`crate::Handle::reveal`] named. Kept across publishes.
+    pub(crate) revealed: HashSet<PathBuf>,
 }
 
 pub(crate) fn enoent() -> io::Error {
@@ -83,7 +86,9 @@ impl LayerState {
     /// The state after a publish moved the layer into the real trees, leaving only the files
     /// at the view paths `kept` (and their directories): the real trees now show everything
     /// the whiteouts, opaque marks and directory attributes stood for.
-    pub(crate) fn published(&mut self, kept: &[PathBuf]) {
+    /// `moved` are the view paths of the files the publish put in place: the thunk's own,
+    /// which keep showing when the concealment rule covers them.
+    pub(crate) fn published(&mut self, kept: &[PathBuf], moved: Vec<PathBuf>) {
         self.upper_dirs.clear();
         self.upper_dirs.insert(PathBuf::from("/"));
         for path in kept {
@@ -93,6 +98,12 @@ impl LayerState {
         self.whiteouts.clear();
         self.opaque.clear();
         self.dirty_dirs.clear();
+        self.revealed.extend(moved);
+    }
+
+    /// Whether a real entry at `path` (a directory or not) is concealed from the thunk.
+    pub(crate) fn conceals(&self, cfg: &Config, path: &Path, is_dir: bool) -> bool {
+        !is_dir && cfg.conceals(path) && !self.revealed.contains(path)
     }
 
     /// Whether the lower entry at `path` is hidden by a whiteout or an opaque ancestor.
@@ -155,7 +166,8 @@ pub(crate) fn resolve(cfg: &Config, state: &LayerState, path: &Path) -> io::Resu
             Ok(fd) => {
                 let st = real::fstat(&fd)?;
                 // A mount point must be a directory whatever the real tree holds there.
-                if !cfg.mountpoints.contains(path) || real::is_dir(&st) {
+                let shown = !cfg.mountpoints.contains(path) || real::is_dir(&st);
+                if shown && !state.conceals(cfg, path, real::is_dir(&st)) {
                     return Ok(Found {
                         loc: Loc::Lower,
                         st: Some(st),
@@ -183,7 +195,25 @@ pub(crate) fn lower_exists(cfg: &Config, state: &LayerState, path: &Path) -> boo
         return false;
     }
     let (bind, rel) = cfg.lower(path);
-    real::open_path(bind.fd.as_fd(), rel).is_ok()
+    match real::open_path(bind.fd.as_fd(), rel) {
+        Ok(fd) => {
+            !cfg.conceals(path)
+                || real::fstat(&fd).is_ok_and(|st| !state.conceals(cfg, path, real::is_dir(&st)))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether `path` looks absent only because the concealment rule hides the real entry there
+/// (which is then recorded as hidden rather than absent).
+pub(crate) fn concealed(cfg: &Config, state: &LayerState, path: &Path) -> bool {
+    if !cfg.conceals(path) || state.lower_masked(path) {
+        return false;
+    }
+    let (bind, rel) = cfg.lower(path);
+    real::open_path(bind.fd.as_fd(), rel)
+        .and_then(|fd| real::fstat(&fd))
+        .is_ok_and(|st| state.conceals(cfg, path, real::is_dir(&st)))
 }
 
 /// The owner to give a copy of `st` (only root can give files away).
@@ -272,14 +302,15 @@ pub(crate) fn copy_up(cfg: &Config, state: &mut LayerState, path: &Path) -> io::
     Ok(())
 }
 
-/// The merged entries of the view directory `path`: upper entries, then lower entries not
-/// shadowed or whited out, then mount points and bind views the real tree lacks. Hidden and
-/// internal entries are included; callers filter them.
+/// The merged entries of the view directory `path`, each with where it comes from: upper
+/// entries, then lower entries not shadowed or whited out, then mount points and bind views
+/// the real tree lacks (synthetic). Hidden, internal and concealed entries are included;
+/// callers filter them.
 pub(crate) fn merged_list(
     cfg: &Config,
     state: &LayerState,
     path: &Path,
-) -> io::Result<Vec<(OsString, FileType)>> {
+) -> io::Result<Vec<(OsString, FileType, Loc)>> {
     let mut out = Vec::new();
     let mut seen: HashSet<OsString> = HashSet::new();
     let mut found_any = false;
@@ -289,7 +320,7 @@ pub(crate) fn merged_list(
                 found_any = true;
                 for (name, kind) in list {
                     seen.insert(name.clone());
-                    out.push((name, kind));
+                    out.push((name, kind, Loc::Upper));
                 }
             }
             Err(e) if is_absent(&e) => {}
@@ -306,7 +337,7 @@ pub(crate) fn merged_list(
                         continue;
                     }
                     seen.insert(name.clone());
-                    out.push((name, kind));
+                    out.push((name, kind, Loc::Lower));
                 }
             }
             Err(e) if is_absent(&e) => {}
@@ -318,7 +349,7 @@ pub(crate) fn merged_list(
         for name in extra {
             if !seen.contains(name) {
                 seen.insert(name.clone());
-                out.push((name.clone(), FileType::Directory));
+                out.push((name.clone(), FileType::Directory, Loc::Synthetic));
             }
         }
     }
@@ -332,7 +363,7 @@ pub(crate) fn merged_list(
 /// directory alone holds everything the view shows there (before moving it as a whole).
 pub(crate) fn materialize(cfg: &Config, state: &mut LayerState, path: &Path) -> io::Result<()> {
     copy_up(cfg, state, path)?;
-    for (name, kind) in merged_list(cfg, state, path)? {
+    for (name, kind, _) in merged_list(cfg, state, path)? {
         let child = path.join(&name);
         if kind == FileType::Directory {
             materialize(cfg, state, &child)?;

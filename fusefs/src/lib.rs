@@ -4,14 +4,16 @@
 //! types:
 //!
 //! - [`Options`]: which real trees the view shows ([`Options::binds`]), where the thunk may
-//!   write, what is hidden, where the copy-on-write layer lives.
+//!   write, what is hidden ([`HideRule`]) or concealed ([`Conceal`]), where the copy-on-write
+//!   layer lives.
 //! - [`ProxyFs`]: the filesystem (a `fuser::Filesystem`), built with [`ProxyFs::new`] and run
 //!   on an already mounted `/dev/fuse` descriptor with [`serve`], which returns a [`Server`].
 //! - [`Handle`]: what the caller keeps: the access log ([`Handle::accesses`], a list of
 //!   [`Access`] of some [`AccessKind`]) and the layer's fate ([`Handle::commit`] or
 //!   [`Handle::discard`]). For nested thunks, [`Handle::publish`] applies the layer so far
 //!   while the mount keeps serving, and [`Handle::invalidate`] makes the mount show paths
-//!   another process changed in the real trees.
+//!   another process changed in the real trees (and [`Handle::reveal`] lets it see them where
+//!   a concealment rule would not).
 //! - [`recover`]: after a crash, finishes the commit a layer was in (its journal says what
 //!   is left to do, see [`Recovery`]) or throws the layer away.
 //!
@@ -45,7 +47,7 @@ use std::time::Duration;
 use parking_lot::RwLockWriteGuard;
 
 pub use access::{Access, AccessKind};
-pub use config::hide_set;
+pub use config::{glob_set, HideRule};
 pub use error::Error;
 pub use ops::ProxyFs;
 
@@ -68,6 +70,13 @@ pub struct Options {
     /// that look absent: lookups fail with ENOENT and are recorded as `Hidden`, listings omit
     /// them, creating them fails with EACCES.
     pub hide: Vec<String>,
+    /// Globs like `hide`, that never hide the `unhidden` paths, what lies under them or the
+    /// directories leading to them: e.g. `/home/**` while the project lies in a home.
+    pub hide_elsewhere: Vec<String>,
+    /// View paths that `hide_elsewhere` spares.
+    pub unhidden: Vec<PathBuf>,
+    /// Limits what the real trees show under some roots (see [`Conceal`]); `None`: no limit.
+    pub conceal: Option<Conceal>,
     /// View paths that look absent and are never recorded (cot's own state, e.g.
     /// `<project>/.cot`). Creating them fails with EACCES.
     pub internal: Vec<PathBuf>,
@@ -95,6 +104,9 @@ impl Options {
             binds: vec![(PathBuf::from("/"), system_root.into())],
             writable: Vec::new(),
             hide: Vec::new(),
+            hide_elsewhere: Vec::new(),
+            unhidden: Vec::new(),
+            conceal: None,
             internal: Vec::new(),
             mountpoints: Vec::new(),
             layer_dir: layer_dir.into(),
@@ -102,6 +114,22 @@ impl Options {
             ttl: Duration::from_secs(24 * 60 * 60),
         }
     }
+}
+
+/// A concealment rule: under `roots`, a real (lower) entry that is not a directory shows only
+/// when its view path matches one of the `visible` globs (over absolute view paths, `*` stops
+/// at `/`, `**` crosses directories). A concealed entry looks absent: its lookup fails with
+/// ENOENT and is recorded as `Hidden`, listings leave it out, and deleting it is impossible (it
+/// is not there). Directories always show (they are structure, not content), and so does
+/// everything the thunk wrote itself, also once published, and what [`Handle::reveal`] names:
+/// the thunk may create a file at a concealed path (its output, a temporary), and the commit
+/// puts it in place over the real one as usual. A directory the thunk moves takes its concealed
+/// entries along (they must not be lost), and they show at the new place.
+#[derive(Clone, Debug, Default)]
+pub struct Conceal {
+    /// Absolute view paths (e.g. the project directory); the roots themselves always show.
+    pub roots: Vec<PathBuf>,
+    pub visible: Vec<String>,
 }
 
 /// What [`Handle::commit`] changed in the real filesystem.
@@ -280,6 +308,20 @@ impl Handle {
     /// while the thunk waits for the change, as at a synchronization point.
     pub fn invalidate(&self, paths: &[PathBuf]) -> Result<(), Error> {
         self.inner.invalidate(paths)
+    }
+
+    /// Makes the real entries at the view paths `paths` (absolute) show even where the
+    /// concealment rule ([`Options::conceal`]) would keep them out of the view: what another
+    /// process wrote on the thunk's behalf (a nested thunk's outputs) is its own doing. Call it
+    /// before [`Handle::invalidate`] of the same paths, so that the kernel forgets their
+    /// absence.
+    pub fn reveal(&self, paths: &[PathBuf]) {
+        if self.inner.cfg.conceal.is_some() {
+            let mut state = self.inner.layer.write();
+            state
+                .revealed
+                .extend(paths.iter().map(|p| config::normalize(p)));
+        }
     }
 
     /// Marks the layer finished (only one of commit and discard may run, once) and keeps it

@@ -524,7 +524,9 @@ impl ProxyFs {
                 Ok(found.attr(ino))
             }
             Err(e) if is_absent(&e) => {
-                if self.recorded(&path) {
+                if layer::concealed(self.cfg(), &state, &path) {
+                    self.record(AccessKind::Hidden, &path, None);
+                } else if self.recorded(&path) {
                     self.record(AccessKind::Absent, &path, None);
                 }
                 Err(Errno::ENOENT)
@@ -1358,9 +1360,14 @@ impl ProxyFs {
                 kind: FileType::Directory,
                 name: OsString::from(".."),
             });
-            for (name, kind) in list {
+            for (name, kind, loc) in list {
                 let child = path.join(&name);
                 if self.cfg().is_internal(&child) || self.cfg().is_hidden(&child) {
+                    continue;
+                }
+                if loc == Loc::Lower
+                    && state.conceals(self.cfg(), &child, kind == FileType::Directory)
+                {
                     continue;
                 }
                 entries.push(DirEntryOut {

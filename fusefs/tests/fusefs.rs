@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cot_fusefs::{AccessKind, Handle, Options, ProxyFs, Recovery, Server};
+use cot_fusefs::{AccessKind, Conceal, Handle, Options, ProxyFs, Recovery, Server};
 
 // ----- harness -----
 
@@ -35,6 +35,8 @@ fn main() {
     let tests: &[Test] = tests![
         records_each_access_kind_once,
         absent_and_hidden_lookups,
+        concealed_files_look_absent_until_the_thunk_writes_them,
+        hide_spares_the_unhidden_and_the_way_to_them,
         internal_paths_are_never_recorded,
         mountpoints_are_synthetic_and_unrecorded,
         writes_outside_writable_fail_erofs,
@@ -424,6 +426,97 @@ fn absent_and_hidden_lookups() {
         libc::ENOENT
     );
     f.expect(Absent, "/usr");
+}
+
+fn concealed_files_look_absent_until_the_thunk_writes_them() {
+    let mut f = Fixture::new(tree, |opts| {
+        project(opts);
+        opts.conceal = Some(Conceal {
+            roots: vec!["/src".into()],
+            visible: vec!["/src/a.c".into(), "/src/gen/**".into()],
+        });
+    });
+    use AccessKind::*;
+    // Visible: the declared file, directories, everything outside the roots.
+    assert_eq!(read(&f.v("/src/a.c")), b"int a;\n");
+    assert!(fs::metadata(f.v("/src/sub")).expect("sub").is_dir());
+    assert_eq!(read(&f.v("/etc/conf")), b"conf\n");
+    // Concealed: other files (a symlink too), recorded as hidden, never as stat or absent.
+    assert_eq!(errno_of(fs::read(f.v("/src/b.c"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::metadata(f.v("/src/sub/c.h"))), libc::ENOENT);
+    assert_eq!(
+        errno_of(fs::symlink_metadata(f.v("/src/link"))),
+        libc::ENOENT
+    );
+    f.expect(Hidden, "/src/b.c");
+    f.expect(Hidden, "/src/sub/c.h");
+    f.expect(Hidden, "/src/link");
+    assert_eq!(f.count(Stat, "/src/b.c") + f.count(Absent, "/src/b.c"), 0);
+    assert_eq!(names(&f.v("/src")), set(&["a.c", "sub"]));
+    assert!(names(&f.v("/src/sub")).is_empty());
+    // Plain absence stays absence.
+    assert_eq!(errno_of(fs::metadata(f.v("/src/none.h"))), libc::ENOENT);
+    f.expect(Absent, "/src/none.h");
+    // What is concealed cannot be deleted, nor the directory holding it.
+    assert_eq!(errno_of(fs::remove_file(f.v("/src/sub/c.h"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::remove_dir(f.v("/src/sub"))), libc::ENOTEMPTY);
+    // The thunk may write at a concealed path: its file shows, the real one is untouched.
+    fs::write(f.v("/src/b.c"), b"mine").expect("create over a concealed file");
+    assert_eq!(read(&f.v("/src/b.c")), b"mine");
+    write(&f.v("/src/gen/out.h"), b"gen");
+    assert_eq!(names(&f.v("/src")), set(&["a.c", "b.c", "gen", "sub"]));
+    assert_eq!(read(&f.r("/src/b.c")), b"int b;\n");
+    // Published, its files are real ones, and still its own.
+    f.handle.publish().expect("publish");
+    assert_eq!(read(&f.r("/src/b.c")), b"mine");
+    assert_eq!(read(&f.v("/src/b.c")), b"mine");
+    assert_eq!(names(&f.v("/src")), set(&["a.c", "b.c", "gen", "sub"]));
+    // A file another process wrote on the thunk's behalf shows once revealed.
+    write(&f.r("/src/sub/child.o"), b"child");
+    assert_eq!(
+        errno_of(fs::metadata(f.v("/src/sub/child.o"))),
+        libc::ENOENT
+    );
+    invalidate(&f, &["/src/sub/child.o"]);
+    assert_eq!(
+        errno_of(fs::metadata(f.v("/src/sub/child.o"))),
+        libc::ENOENT
+    );
+    f.handle.reveal(&[PathBuf::from("/src/sub/child.o")]);
+    invalidate(&f, &["/src/sub/child.o"]);
+    assert_eq!(read(&f.v("/src/sub/child.o")), b"child");
+    assert_eq!(names(&f.v("/src/sub")), set(&["child.o"]));
+    // The commit puts the thunk's files in place and leaves the concealed ones alone.
+    fs::write(f.v("/src/sub/c.h"), b"over").expect("create over a concealed file");
+    f.unmount();
+    f.handle.commit().expect("commit");
+    assert_eq!(read(&f.r("/src/sub/c.h")), b"over");
+    assert_eq!(read(&f.r("/src/b.c")), b"mine");
+    assert_eq!(read(&f.r("/src/link")), b"int a;\n");
+    assert_eq!(read(&f.r("/src/gen/out.h")), b"gen");
+}
+
+fn hide_spares_the_unhidden_and_the_way_to_them() {
+    let f = Fixture::new(
+        |real| {
+            tree(real);
+            write(&real.join("home/u/proj/main.c"), b"int main;\n");
+            write(&real.join("home/u/.ssh/id"), b"key");
+            write(&real.join("home/v/notes"), b"notes");
+        },
+        |opts| {
+            project(opts);
+            opts.hide_elsewhere = vec!["/home".into(), "/home/**".into(), "**/.ssh".into()];
+            opts.unhidden = vec!["/home/u/proj".into()];
+        },
+    );
+    assert_eq!(read(&f.v("/home/u/proj/main.c")), b"int main;\n");
+    assert_eq!(names(&f.v("/home")), set(&["u"]));
+    assert_eq!(names(&f.v("/home/u")), set(&["proj"]));
+    assert_eq!(errno_of(fs::metadata(f.v("/home/u/.ssh"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::metadata(f.v("/home/v"))), libc::ENOENT);
+    f.expect(AccessKind::Hidden, "/home/u/.ssh");
+    f.expect(AccessKind::Hidden, "/home/v");
 }
 
 fn internal_paths_are_never_recorded() {

@@ -109,6 +109,8 @@ fn main() {
             fuse_fsname: "cot".into(),
             hostname: None,
             tmp_keep: Vec::new(),
+            tmp_dirs: Vec::new(),
+            host_network: false,
             stdout: None,
             stderr: None,
             socket: None,

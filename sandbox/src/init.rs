@@ -41,6 +41,10 @@ pub(crate) struct InitPlan {
     pub(crate) hostname: Option<String>,
     pub(crate) cwd: PathBuf,
     pub(crate) tmp_keep: Vec<PathBuf>,
+    /// Directories made empty, mode 0700, in the private /tmp.
+    pub(crate) tmp_dirs: Vec<PathBuf>,
+    /// The caller's network namespace is shared: there is no loopback of our own to set up.
+    pub(crate) host_network: bool,
     pub(crate) stdout: Option<RawFd>,
     pub(crate) stderr: Option<RawFd>,
     /// The caller's build socket, a host path, bound at [`crate::plan::BUILD_SOCKET`].
@@ -325,8 +329,9 @@ fn wait_for_go(socket: &OwnedFd) -> Result<bool, Failure> {
     }
 }
 
-/// Runs [`ROOT_PLAN`] in the staged root, pivots into it and enters the working directory, then
-/// configures the new network and UTS namespaces.
+/// Runs [`ROOT_PLAN`] in the staged root, makes the private directories of /tmp, pivots into
+/// it and enters the working directory, then configures the new network (unless the caller's
+/// is shared) and UTS namespaces.
 fn complete_root(plan: &InitPlan, build_socket: Option<&OwnedFd>) -> Result<(), Failure> {
     // The root filesystem is cot's own and nothing of the sandbox has run yet, so checking the
     // mount points once is enough: none can be swapped for a symlink afterwards.
@@ -378,13 +383,30 @@ fn complete_root(plan: &InitPlan, build_socket: Option<&OwnedFd>) -> Result<(), 
         )
         .at("keep a directory of /tmp", Some(&shown))?;
     }
+    for dir in &plan.tmp_dirs {
+        let shown = dir.to_string_lossy();
+        let staged = PathBuf::from(format!("{NEW_ROOT}{shown}"));
+        if let Some(parent) = staged.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .at("create a private directory in /tmp", Some(&shown))?;
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staged)
+            .at("create a private directory in /tmp", Some(&shown))?;
+    }
     chdir(NEW_ROOT).at("enter the new root", Some("/"))?;
     // The old root ends up stacked on the new one at "."; detaching it leaves no path to it.
     pivot_root(".", ".").at("pivot_root into the new root", Some("/"))?;
     umount2(".", MntFlags::MNT_DETACH).at("detach the old root", None)?;
     let cwd = plan.cwd.to_string_lossy();
     chdir(&plan.cwd).at("enter the working directory", Some(&cwd))?;
-    sys::loopback_up().at("bring up the loopback interface", None)?;
+    if !plan.host_network {
+        sys::loopback_up().at("bring up the loopback interface", None)?;
+    }
     if let Some(hostname) = &plan.hostname {
         sethostname(hostname).at("set the host name", None)?;
     }

@@ -76,6 +76,8 @@ pub fn launch(
         hostname: spec.hostname.clone(),
         cwd: spec.cwd.clone(),
         tmp_keep: spec.tmp_keep.clone(),
+        tmp_dirs: spec.tmp_dirs.clone(),
+        host_network: spec.host_network,
         stdout: spec.stdout,
         stderr: spec.stderr,
         socket: spec.socket.clone(),
@@ -94,8 +96,10 @@ pub fn launch(
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWNET
         | libc::CLONE_NEWCGROUP;
+    if !spec.host_network {
+        namespaces |= libc::CLONE_NEWNET;
+    }
     if spec.user_namespace {
         namespaces |= libc::CLONE_NEWUSER;
     }

@@ -4,12 +4,12 @@
 //!
 //! A [`Spec`] declares what to run. [`preflight()`] checks that the machine can build the sandbox
 //! and says what to fix when it cannot. [`launch()`] clones the sandbox's init (pid 1 of new mount,
-//! pid, uts, ipc, net and cgroup namespaces, inside a new user namespace in rootless mode), which
-//! mounts a FUSE filesystem as the future root and hands its `/dev/fuse` descriptor to the
-//! caller's `serve` callback; once it is served, the init completes the root (`/proc`, `/dev`,
-//! `/sys`, `/tmp`, declared as data in [`plan`]), pivots into it and starts the command. The
-//! returned [`Sandbox`] is waited on for the command's [`Outcome`]; every failure is an
-//! [`Error`].
+//! pid, uts, ipc, net (unless shared) and cgroup namespaces, inside a new user namespace in
+//! rootless mode), which mounts a FUSE filesystem as the future root and hands its `/dev/fuse`
+//! descriptor to the caller's `serve` callback; once it is served, the init completes the root
+//! (`/proc`, `/dev`, `/sys`, `/tmp`, declared as data in [`plan`]), pivots into it and starts
+//! the command. The returned [`Sandbox`] is waited on for the command's [`Outcome`]; every
+//! failure is an [`Error`].
 //!
 //! All `unsafe` code lives in the private `sys` module. README.md describes the launch sequence
 //! step by step and the threat model.

@@ -34,6 +34,13 @@ pub struct Spec {
     /// root filesystem itself, never from the host, and everything else in `/tmp` is still
     /// private and empty.
     pub tmp_keep: Vec<PathBuf>,
+    /// Directories strictly under `/tmp` created empty in the sandbox's private `/tmp` (with
+    /// their parents, mode 0755) before the command starts, mode 0700 and owned by the
+    /// command's user: e.g. a private, empty `HOME`.
+    pub tmp_dirs: Vec<PathBuf>,
+    /// Share the caller's network namespace (its interfaces, routes and listening sockets)
+    /// instead of a new one holding only a loopback interface.
+    pub host_network: bool,
     /// Descriptors (open in the caller, numbered 3 or above) that become the command's
     /// standard output and standard error instead of the caller's own; e.g. pipes that the
     /// caller copies on while it keeps what the command said. `None` passes the caller's.
@@ -92,7 +99,7 @@ impl Spec {
                 ));
             }
         }
-        for keep in &self.tmp_keep {
+        for keep in self.tmp_keep.iter().chain(&self.tmp_dirs) {
             let under_tmp = keep.strip_prefix("/tmp").is_ok_and(|rest| {
                 !rest.as_os_str().is_empty()
                     && rest
@@ -206,6 +213,8 @@ mod tests {
             fuse_fsname: "cot".into(),
             hostname: None,
             tmp_keep: Vec::new(),
+            tmp_dirs: Vec::new(),
+            host_network: false,
             stdout: None,
             stderr: None,
             socket: None,
@@ -243,6 +252,10 @@ mod tests {
                 "\"/tmp/../etc\"",
             ),
             (Box::new(|s| s.tmp_keep.push("tmp/x".into())), "\"tmp/x\""),
+            (
+                Box::new(|s| s.tmp_dirs.push("/home/u".into())),
+                "\"/home/u\"",
+            ),
             (
                 Box::new(|s| s.socket = Some("build.sock".into())),
                 "build socket \"build.sock\"",

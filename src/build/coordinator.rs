@@ -21,14 +21,15 @@ use super::engine::{
 use super::progress::Progress;
 use super::protocol::{read_message, write_message, ChildDone, FromWorker, Job};
 use crate::cas::Cas;
-use crate::engine::key::{thunk_key, Binds, Paths};
+use crate::engine::hermetic::{self, ProjectView};
+use crate::engine::key::{self, thunk_key, Binds, Paths};
 use crate::engine::memo;
 use crate::engine::observe::{stat_tuple, CheckMode, FileStates, Observer, StatCache};
 use crate::engine::Thunk;
 use crate::server::Client;
 use crate::store::model::{
-    BuildRecord, FileState, Input, Output, OutputState, StatTuple, StorePath, ThunkId, ThunkKey,
-    Trace, TraceId,
+    BuildRecord, Declared, FileState, Input, InputKind, Output, OutputState, StatTuple, StorePath,
+    ThunkId, ThunkKey, Trace, TraceId,
 };
 
 /// The environment variable telling the thunks of a build (`cot __make`) how many jobs run.
@@ -52,16 +53,25 @@ pub struct Settings {
     pub ignore: GlobSet,
     /// `cot make`: cot is make's `SHELL` in every thunk (see `crate::build::make::SHELL_ENV`).
     pub make_shell: bool,
+    /// `--hermetic`: each thunk sees of the project what it declared (see
+    /// `crate::engine::hermetic`).
+    pub hermetic: bool,
+    /// `--allow` and cot.toml's `allow`: what every hermetic thunk sees of the project.
+    pub allow: Vec<String>,
+    /// `--net`: thunks share the host's network.
+    pub net: bool,
 }
 
 impl Settings {
-    /// A thunk of this build: the command, with the view every thunk of the build shares.
+    /// A thunk of this build: the command, with the view every thunk of the build shares, and
+    /// what it sees of the project when hermetic.
     fn thunk(
         &self,
         argv: Vec<OsString>,
         env: Vec<(OsString, OsString)>,
         cwd: PathBuf,
         target: Option<String>,
+        hermetic: Option<ProjectView>,
     ) -> Thunk {
         Thunk {
             argv,
@@ -72,6 +82,8 @@ impl Settings {
             hide: self.hide.clone(),
             rootless: self.rootless,
             target,
+            net: self.net,
+            hermetic,
         }
     }
 }
@@ -113,7 +125,7 @@ pub struct RealWorld {
     settings: Settings,
     paths: Paths,
     binds: Binds,
-    hidden: GlobSet,
+    hidden: cot_fusefs::HideRule,
     pool: Pool,
     /// `lstat`s of paths no thunk can change, shared by every check of the build.
     stats: StatCache,
@@ -128,12 +140,18 @@ pub struct RealWorld {
 impl RealWorld {
     pub fn new(settings: Settings, progress: Progress) -> anyhow::Result<RealWorld> {
         let paths = Paths::new(&settings.project_root);
-        let template = settings.thunk(Vec::new(), Vec::new(), settings.project_root.clone(), None);
+        let template = settings.thunk(
+            Vec::new(),
+            Vec::new(),
+            settings.project_root.clone(),
+            None,
+            settings.hermetic.then_some(ProjectView::Whole),
+        );
         let binds = Binds::new(crate::engine::view_binds(
             &template,
             &settings.project_root,
         )?);
-        let hidden = cot_fusefs::hide_set(&settings.hide)?;
+        let hidden = crate::engine::hide_rule(&template, &settings.project_root)?;
         let cas = Cas::open(&settings.cas)?;
         let exe = std::env::current_exe().context("cannot find cot's own executable")?;
         // What thunks can write: the project and the writable directories (as real paths),
@@ -211,25 +229,106 @@ impl RealWorld {
                 super::make::RECIPE_SHELL.into(),
             ));
         }
-        self.settings.thunk(
+        // What the thunk sees and whether it has the network are the key's, not the build's:
+        // the engine runs recorded children again from their keys alone.
+        let (hermetic, net) = key::isolation(&key.options, &self.paths);
+        let thunk = self.settings.thunk(
             key.argv.iter().map(|a| os(a)).collect(),
             env,
             self.paths.to_view(&key.cwd),
             key.target
                 .as_ref()
                 .map(|t| String::from_utf8_lossy(t).into_owned()),
+            hermetic,
+        );
+        Thunk { net, ..thunk }
+    }
+
+    /// The key of the root thunk of the build, which sees the whole project.
+    pub fn root_key(
+        &self,
+        argv: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        cwd: PathBuf,
+    ) -> ThunkKey {
+        let hermetic = self.settings.hermetic.then_some(ProjectView::Whole);
+        thunk_key(
+            &self.settings.thunk(argv, env, cwd, None, hermetic),
+            &self.paths,
         )
     }
 
-    /// The key of a thunk requested with this command line (its parent is set by the engine).
+    /// The key of a child thunk requested with this command line (its parent is set by the
+    /// engine), with what it sees of the project when hermetic.
     pub fn key_of(
         &self,
         argv: Vec<OsString>,
         env: Vec<(OsString, OsString)>,
         cwd: PathBuf,
         target: Option<String>,
+        declared: Option<&Declared>,
     ) -> ThunkKey {
-        thunk_key(&self.settings.thunk(argv, env, cwd, target), &self.paths)
+        let hermetic = self
+            .settings
+            .hermetic
+            .then(|| self.child_view(&argv, &cwd, target.as_deref(), declared));
+        thunk_key(
+            &self.settings.thunk(argv, env, cwd, target, hermetic),
+            &self.paths,
+        )
+    }
+
+    /// What a hermetic child thunk sees of the project: a recipe line its declarations, unless
+    /// it runs a sub-make; make's `$(shell ...)` all of it, as make reads its makefiles; any
+    /// other child what `--allow` names.
+    fn child_view(
+        &self,
+        argv: &[OsString],
+        cwd: &Path,
+        target: Option<&str>,
+        declared: Option<&Declared>,
+    ) -> ProjectView {
+        let allow = self.settings.allow.clone();
+        let shell_call = self.settings.make_shell
+            && argv.len() == 3
+            && argv[0] == super::make::RECIPE_SHELL
+            && argv[1] == "-c";
+        match declared {
+            Some(_) if hermetic::runs_sub_make(argv, &self.exe) => ProjectView::Whole,
+            Some(declared) => ProjectView::Only {
+                paths: hermetic::declared_paths(cwd, target, declared),
+                allow,
+            },
+            None if shell_call => ProjectView::Whole,
+            None => ProjectView::Only {
+                paths: Vec::new(),
+                allow,
+            },
+        }
+    }
+
+    /// For a hermetic thunk that failed: the files of the project it looked for although it
+    /// did not declare them.
+    fn undeclared(&self, key: &ThunkKey, trace: &Trace) -> Option<String> {
+        let (Some(ProjectView::Only { .. }), _) = key::isolation(&key.options, &self.paths) else {
+            return None;
+        };
+        let looked_for: Vec<PathBuf> = trace
+            .inputs
+            .iter()
+            .filter(|input| input.kind == InputKind::Hidden)
+            .map(|input| self.paths.to_view(&input.path))
+            .collect();
+        let files = hermetic::undeclared(
+            looked_for.iter().map(PathBuf::as_path),
+            &self.settings.project_root,
+            &self.hidden,
+            |view| self.binds.real(view),
+        );
+        (!files.is_empty()).then(|| {
+            let target = super::engine::target_of(key);
+            hermetic::undeclared_message(&command_of(key), target.as_deref(), &files)
+        })
     }
 
     fn child_done(&self, request: u64, outcome: ChildOutcome) -> ChildDone {
@@ -419,6 +518,8 @@ impl World for std::sync::Arc<RealWorld> {
             hide: thunk.hide.clone(),
             rootless: thunk.rootless,
             target: thunk.target.clone(),
+            net: thunk.net,
+            hermetic: thunk.hermetic.clone(),
             key: key.clone(),
             store: self.settings.store.clone(),
             cas: self.settings.cas.clone(),
@@ -440,10 +541,10 @@ impl World for std::sync::Arc<RealWorld> {
                         env,
                         cwd,
                         target,
-                        declared: _,
+                        declared,
                         skip_if_new,
                     } => {
-                        let key = self.key_of(argv, env, cwd, target);
+                        let key = self.key_of(argv, env, cwd, target, declared.as_ref());
                         let writer = &writer;
                         scope.spawn(move || {
                             let outcome = requests.request(key, skip_if_new);
@@ -576,6 +677,13 @@ impl World for std::sync::Arc<RealWorld> {
             let mut said = stdout;
             said.extend(stderr);
             if let Some(message) = &thunk.message {
+                said.extend(format!("cot: {message}\n").into_bytes());
+            }
+            if let Some(message) = thunk
+                .trace
+                .as_ref()
+                .and_then(|t| self.undeclared(&thunk.key, t))
+            {
                 said.extend(format!("cot: {message}\n").into_bytes());
             }
             self.progress.failed(&command, thunk.exit_code, &said);

@@ -92,7 +92,7 @@ impl Ignore {
                 .filter(|p| keep(p))
                 .map(|p| p.to_string())
                 .collect();
-            cot_fusefs::hide_set(&chosen)
+            cot_fusefs::glob_set(&chosen)
         };
         Ok(Ignore {
             outside: set(&|p| p.starts_with('/') || p.starts_with("**/"))?,

@@ -25,6 +25,8 @@ pub struct Job {
     pub hide: Vec<String>,
     pub rootless: bool,
     pub target: Option<String>,
+    pub net: bool,
+    pub hermetic: Option<crate::engine::hermetic::ProjectView>,
     /// The key the trace is recorded under (with its parent).
     pub key: ThunkKey,
     pub store: PathBuf,

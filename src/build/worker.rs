@@ -69,6 +69,8 @@ fn run(job: Job, channel: &UnixStream) -> anyhow::Result<FromWorker> {
         hide: job.hide,
         rootless: job.rootless,
         target: job.target,
+        net: job.net,
+        hermetic: job.hermetic,
     };
     // A short path for the socket (bind() takes at most 107 bytes); it is bound into the
     // sandbox by its real path, which may be long.
@@ -253,6 +255,8 @@ impl Relay {
         };
         self.calls.end(index, &outcome);
         if let Some(view) = self.view.lock().as_ref() {
+            // What the child wrote, the thunk sees, hermetic or not.
+            view.reveal(&done.written);
             if let Err(e) = view.invalidate(&done.written) {
                 eprintln!("cot: {e}");
             }

@@ -16,10 +16,9 @@ use crate::build::engine::{self, Build, Mode, Options, Outcome, Resolved, State}
 use crate::build::lint;
 use crate::build::progress::{Progress, Verbosity};
 use crate::build::report::{self, BuildReport, ThunkReport, ThunkState};
-use crate::engine::env::{thunk_env, EnvRule};
+use crate::engine::env::{set_var, thunk_env, EnvRule};
 use crate::engine::key::Paths;
 use crate::engine::observe::CheckMode;
-use crate::engine::Thunk;
 use crate::store::model::{StorePath, ThunkKey};
 
 /// The build script `cot build` runs when given none.
@@ -141,8 +140,10 @@ Outputs that were deleted or changed by hand are restored when the build produce
 nobody else (its products) or when a thunk that runs needs them; otherwise they are reported as \
 damaged. Outputs of thunks that are no longer requested are deleted at the end (--keep-stale \
 keeps them).\n\n\
-Defaults can be set in cot.toml at the project root: jobs, hide, writable, env, ignore, and \
-[lint] ignore.\n\n\
+Defaults can be set in cot.toml at the project root: jobs, hide, writable, env, ignore, \
+hermetic (true or false), allow, and [lint] ignore.\n\n\
+With --hermetic (or `hermetic = true`) the script sees the whole project, and each child thunk \
+only the project's directories and the files --allow names (see `cot run --help`).\n\n\
 Exit status: 0 success; 1 a thunk failed (or, with -q, something would run); 2 usage error; \
 125 cot itself failed; 130 interrupted.",
     after_help = "Examples:\n  cot build\n  cot build -j8 --report build.html ./ci/build.sh release\n  \
@@ -167,7 +168,11 @@ make is asked to request every recipe (-B, after it has remade its makefiles exa
 make would), and cot's traces decide which actually run: an incremental build is right even when \
 the Makefile's prerequisites are incomplete. cot's options come first; everything from the first \
 argument cot does not know on goes to make (`cot make -j4 all CFLAGS=-O2`). -j, -k and -C apply \
-to both cot and make.",
+to both cot and make.\n\n\
+With --hermetic (or `hermetic = true` in cot.toml) make sees the whole project, and each recipe \
+line only the project's directories, its target, its prerequisites and what --allow names: a \
+recipe that reads a file it did not declare fails, and cot names the file. A recipe line that \
+runs $(MAKE) sees the whole project; its own recipes are hermetic again.",
     after_help = "Examples:\n  cot make\n  cot make -j8 all\n  cot make --report make.html -C src check"
 )]
 pub struct MakeArgs {
@@ -181,7 +186,7 @@ pub struct MakeArgs {
 
 /// cot's options that take a value, as `cot make` must know them to tell where make's
 /// arguments begin.
-const VALUE_OPTIONS: [&str; 17] = [
+const VALUE_OPTIONS: [&str; 18] = [
     "-j",
     "--lint",
     "--lint-format",
@@ -194,6 +199,7 @@ const VALUE_OPTIONS: [&str; 17] = [
     "--env",
     "--writable",
     "--hide",
+    "--allow",
     "--system-root",
     "--check",
     "--store",
@@ -202,7 +208,7 @@ const VALUE_OPTIONS: [&str; 17] = [
 ];
 
 /// cot's options without a value.
-const FLAG_OPTIONS: [&str; 23] = [
+const FLAG_OPTIONS: [&str; 25] = [
     "--lint",
     "-k",
     "-n",
@@ -220,6 +226,8 @@ const FLAG_OPTIONS: [&str; 23] = [
     "--quiet",
     "--keep-stale",
     "--inherit-env",
+    "--hermetic",
+    "--net",
     "--rootless",
     "--no-passthrough",
     "--help",
@@ -342,6 +350,12 @@ struct Config {
     /// Input paths (globs) whose changes never make a thunk run.
     #[serde(default)]
     ignore: Vec<String>,
+    /// `--hermetic` for every build of the project.
+    #[serde(default)]
+    hermetic: bool,
+    /// Globs of the project's files every hermetic thunk sees (`--allow`).
+    #[serde(default)]
+    allow: Vec<String>,
     #[serde(default)]
     lint: LintConfig,
 }
@@ -423,6 +437,10 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         .map(|arg| EnvRule::parse(arg))
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
+    let hermetic = options.sandbox.hermetic || config.hermetic;
+    options.sandbox.check_hermetic(hermetic)?;
+    let mut allow = config.allow.clone();
+    allow.extend(options.sandbox.allow.clone());
     let mut hide = config.hide.clone();
     hide.extend(options.sandbox.hide.clone());
     let mut writable: Vec<PathBuf> = config
@@ -455,6 +473,9 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         jobs,
         ignore: crate::build::globs(&config.ignore)?,
         make_shell: name == "cot make",
+        hermetic,
+        allow,
+        net: options.sandbox.net,
     };
     let verbosity = if options.quiet || options.question {
         Verbosity::Quiet
@@ -471,17 +492,11 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
             || options.sandbox.inherit_env
             || options.sandbox.env.iter().any(|e| e == "TERM")
     });
-    let root = Thunk {
-        argv,
-        env: thunk_env(caller, &rules, options.sandbox.inherit_env),
-        cwd: cwd.clone(),
-        system_root: options.sandbox.system_root.clone(),
-        writable: Vec::new(),
-        hide: Vec::new(),
-        rootless,
-        target: None,
-    };
-    let key = world.key_of(root.argv, root.env, root.cwd, None);
+    let mut env = thunk_env(caller, &rules, options.sandbox.inherit_env);
+    if hermetic {
+        set_var(&mut env, "HOME", crate::engine::hermetic::HOME);
+    }
+    let key = world.root_key(argv, env, cwd.clone());
     remember(&project_root, &key);
 
     let mode = if options.dry_run || options.question {
@@ -637,6 +652,12 @@ fn open_last_build(dir: Option<&Path>) -> Result<(PathBuf, ThunkKey, Arc<RealWor
         jobs: 1,
         ignore: crate::build::globs(&config.ignore)?,
         make_shell: false,
+        // As the last build was: its root's key says whether it was hermetic.
+        hermetic: crate::engine::key::isolation(&key.options, &Paths::new(&project_root))
+            .0
+            .is_some(),
+        allow: config.allow.clone(),
+        net: false,
     };
     let world = Arc::new(RealWorld::new(
         settings,
@@ -879,4 +900,58 @@ pub fn make_driver(args: Vec<OsString>) -> Result<u8> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let code = crate::build::make::drive(&args, &exe, jobs)?;
     Ok(u8::try_from(code).unwrap_or(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn make_args_start_after_cots_options_and_their_values() {
+        let (ours, theirs) = split_make_args(&words(&[
+            "--hermetic",
+            "--allow",
+            "*.h",
+            "--net",
+            "--allow=src/**",
+            "-j4",
+            "all",
+            "--allow",
+        ]));
+        assert_eq!(
+            ours,
+            words(&[
+                "--hermetic",
+                "--allow",
+                "*.h",
+                "--net",
+                "--allow=src/**",
+                "-j4"
+            ])
+        );
+        assert_eq!(theirs, words(&["all", "--allow"]));
+    }
+
+    #[test]
+    fn every_option_of_cot_make_is_known_to_the_split() {
+        use clap::CommandFactory;
+        for arg in MakeArgs::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let long = format!("--{long}");
+            let takes_value = arg.get_action().takes_values();
+            let known = if takes_value {
+                VALUE_OPTIONS.contains(&long.as_str())
+            } else {
+                FLAG_OPTIONS.contains(&long.as_str())
+            };
+            assert!(
+                known,
+                "{long} is missing from the options split_make_args knows"
+            );
+        }
+    }
 }

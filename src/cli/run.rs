@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::engine::env::{thunk_env, EnvRule};
+use crate::engine::env::{set_var, thunk_env, EnvRule};
+use crate::engine::hermetic::{self, ProjectView};
 use crate::engine::memo::{self, MemoOptions};
 use crate::engine::observe::CheckMode;
 use crate::engine::{RunOptions, Thunk};
@@ -17,20 +18,28 @@ use crate::engine::{RunOptions, Thunk};
 #[derive(Debug, Args)]
 #[command(
     long_about = "Run one command as a thunk in the sandbox and record every file it accessed.\n\n\
-The command runs in new mount, pid, uts, ipc and network (loopback only) namespaces, as root \
-directly or, for other users, inside a user namespace mapping the caller's uid and gid. Its `/` is \
-cot's FUSE view of the real system (or of --system-root); /proc is its own, /dev holds only the \
-usual devices, /sys is read-only and /tmp is private and empty. The working directory, stdin, \
+The command runs in new mount, pid, uts, ipc and network (loopback only, unless --net) \
+namespaces, as root directly or, for other users, inside a user namespace mapping the caller's \
+uid and gid. Its `/` is cot's FUSE view of the real system (or of --system-root); /proc is its \
+own, /dev holds only the usual devices, /sys is read-only and /tmp is private and empty. The working directory, stdin, \
 stdout and stderr are the caller's.\n\n\
 Only the project directory (the nearest ancestor holding .cot/, else the working directory), the \
 private /tmp and --writable directories are writable; elsewhere writes fail with EROFS. Writes are \
 kept in a layer and committed to the real filesystem only when the command exits 0.\n\n\
+With --hermetic the command sees, inside the project, only its directories and the files \
+--allow names; anything else looks absent, and when the command fails cot names the files it \
+looked for. Outside the project it sees everything but these (the project and the way to it \
+excepted): /home, /root, and anywhere .ssh, .gnupg, .aws, .netrc, .docker/config.json, \
+.git-credentials, .config/gh, .kube, .pypirc, .cargo/credentials*; /etc/shadow, /etc/gshadow \
+and /etc/ssh/*_key. Its environment is the allow-list (--inherit-env is refused), HOME is an \
+empty private directory, and the network is loopback only unless --net.\n\n\
 Exit status: the command's own; 128+N when it was killed by signal N; 125 when cot itself failed; \
 126 when the command cannot be executed; 127 when it is not found.",
     after_help = "Examples:\n  \
 cot run -- make -j2\n  \
 cot run --trace-out trace.jsonl -- cc -c main.c\n  \
-cot run --hide '/home/*/.ssh/**' --env CC=clang -- ./build.sh"
+cot run --hide '/home/*/.ssh/**' --env CC=clang -- ./build.sh\n  \
+cot run --hermetic --allow 'src/**' --allow '*.h' -- cc -c src/main.c"
 )]
 pub struct RunArgs {
     /// Write every access as JSON lines to FILE (one access a line, e.g.
@@ -82,16 +91,43 @@ pub struct SandboxArgs {
     #[arg(long = "env", value_name = "NAME[=VALUE]")]
     pub env: Vec<OsString>,
 
-    /// Pass the caller's whole environment
+    /// Pass the caller's whole environment (not with --hermetic)
     #[arg(long)]
     pub inherit_env: bool,
+
+    /// Hermetic mode: see only the declared files of the project, and nothing of homes and
+    /// credentials
+    ///
+    /// Inside the project a thunk sees every directory but only the files it declared: a make recipe line its target and prerequisites ($@, $^, $|; a directory with
+    /// everything under it), every thunk the --allow globs; the root of a build (the Cotfile,
+    /// make itself, and make's sub-makes and $(shell ...)) sees the whole project. Anything else
+    /// looks absent: the read fails and the failure names the file. Outside the project a
+    /// thunk sees everything but /home, /root, and anywhere .ssh, .gnupg, .aws, .netrc,
+    /// .docker/config.json, .git-credentials, .config/gh, .kube, .pypirc and
+    /// .cargo/credentials*, and /etc/shadow, /etc/gshadow, /etc/ssh/*_key (never hiding the
+    /// project, --writable directories, cot itself or the way to them). The environment is the
+    /// allow-list (--inherit-env is refused) and HOME is an empty private directory
+    #[arg(long)]
+    pub hermetic: bool,
+
+    /// Under --hermetic, show the project's files matching GLOB to every thunk (repeatable).
+    /// Relative globs are relative to the project root, absolute ones absolute; `*` stops at
+    /// `/`, `**` crosses directories; a glob matching a directory shows everything under it
+    #[arg(long, value_name = "GLOB")]
+    pub allow: Vec<String>,
+
+    /// Share the host's network (with or without --hermetic); by default thunks have a network
+    /// of their own with only a loopback interface
+    #[arg(long)]
+    pub net: bool,
 
     /// Make DIR writable too (repeatable)
     #[arg(long, value_name = "DIR")]
     pub writable: Vec<PathBuf>,
 
     /// Make paths matching GLOB look absent (repeatable); each attempt is recorded as "hidden".
-    /// Globs match absolute paths; `*` stops at `/`, `**` crosses directories
+    /// Globs match absolute paths; `*` stops at `/`, `**` crosses directories (see --hermetic
+    /// for the paths hidden by default there)
     #[arg(long, value_name = "GLOB")]
     pub hide: Vec<String>,
 
@@ -122,6 +158,39 @@ pub struct SandboxArgs {
     pub cache: Option<PathBuf>,
 }
 
+impl SandboxArgs {
+    /// Refuses what contradicts hermetic mode (`hermetic`: given here or in cot.toml).
+    pub fn check_hermetic(&self, hermetic: bool) -> Result<()> {
+        if hermetic && self.inherit_env {
+            anyhow::bail!(
+                "--inherit-env cannot be used with --hermetic: a hermetic thunk's environment is \
+                 the allow-list (pass more with --env NAME)"
+            );
+        }
+        if !hermetic && !self.allow.is_empty() {
+            anyhow::bail!(
+                "--allow applies under --hermetic (without it every file of the project is visible)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// For a hermetic `cot run` that failed: which files of the project it looked for in vain.
+fn undeclared_reads(thunk: &Thunk, accesses: &[cot_fusefs::Access]) -> Option<String> {
+    let project_root = crate::engine::project::find_root(&thunk.cwd);
+    let hidden = crate::engine::hide_rule(thunk, &project_root).ok()?;
+    let looked_for = accesses
+        .iter()
+        .filter(|a| a.kind == cot_fusefs::AccessKind::Hidden)
+        .map(|a| a.path.as_path());
+    let files = hermetic::undeclared(looked_for, &project_root, &hidden, |view| {
+        view.to_path_buf()
+    });
+    (!files.is_empty())
+        .then(|| hermetic::undeclared_message(&thunk.to_string(), thunk.target.as_deref(), &files))
+}
+
 pub fn run(args: RunArgs) -> Result<u8> {
     if crate::build::client::inside_build() {
         return nested(args);
@@ -138,17 +207,29 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .map(|arg| EnvRule::parse(arg))
         .collect::<Result<Vec<_>, _>>()
         .map_err(anyhow::Error::msg)?;
+    args.sandbox.check_hermetic(args.sandbox.hermetic)?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     let rootless = args.sandbox.rootless || !nix::unistd::geteuid().is_root();
+    let mut env = thunk_env(std::env::vars_os(), &rules, args.sandbox.inherit_env);
+    // A hermetic thunk that is not the root of a build sees only what --allow names.
+    let hermetic = args.sandbox.hermetic.then(|| {
+        set_var(&mut env, "HOME", hermetic::HOME);
+        ProjectView::Only {
+            paths: Vec::new(),
+            allow: args.sandbox.allow.clone(),
+        }
+    });
     let thunk = Thunk {
         argv: args.command,
-        env: thunk_env(std::env::vars_os(), &rules, args.sandbox.inherit_env),
+        env,
         cwd,
         system_root: args.sandbox.system_root,
         writable: args.sandbox.writable,
         hide: args.sandbox.hide,
         rootless,
         target: None,
+        net: args.sandbox.net,
+        hermetic,
     };
     // Open the trace file before running, so a bad path fails before the command runs.
     let trace_out = match &args.trace_out {
@@ -178,6 +259,11 @@ pub fn run(args: RunArgs) -> Result<u8> {
     }
     if let Some(message) = &report.message {
         eprintln!("cot: {message}");
+    }
+    if report.exit_code != 0 && thunk.hermetic.is_some() {
+        if let Some(message) = undeclared_reads(&thunk, &report.accesses) {
+            eprintln!("cot: {message}");
+        }
     }
     if args.explain {
         eprintln!("cot: {}", report.explanation);
@@ -218,6 +304,9 @@ fn nested(args: RunArgs) -> Result<u8> {
             "--system-root",
         ),
         (args.sandbox.rootless, "--rootless"),
+        (args.sandbox.hermetic, "--hermetic"),
+        (!args.sandbox.allow.is_empty(), "--allow"),
+        (args.sandbox.net, "--net"),
         (args.keep_failed, "--keep-failed"),
         (args.no_cache, "--no-cache"),
         (args.cache_failures, "--cache-failures"),

@@ -3,7 +3,8 @@
 //! By default only a small allow-list passes through from the caller (`PATH`, `HOME`, `LANG`,
 //! `LC_*`, `TERM`, `TZ`), so that a thunk's behaviour does not silently depend on the rest of the
 //! caller's environment. `--env NAME` passes one more, `--env NAME=VALUE` sets one, and
-//! `--inherit-env` passes everything.
+//! `--inherit-env` passes everything. Under `--hermetic` there is no `--inherit-env`, and `HOME`
+//! is the thunk's own empty directory (see [`super::hermetic::HOME`]).
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -85,6 +86,15 @@ pub fn thunk_env(
     env.into_iter().collect()
 }
 
+/// Sets `name` to `value` in an environment sorted by name (as [`thunk_env`] makes it).
+pub fn set_var(env: &mut Vec<(OsString, OsString)>, name: &str, value: &str) {
+    let name = OsStr::new(name);
+    match env.binary_search_by(|(n, _)| n.as_os_str().cmp(name)) {
+        Ok(i) => env[i].1 = value.into(),
+        Err(i) => env.insert(i, (name.into(), value.into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +137,17 @@ mod tests {
         assert_eq!(
             names(&env),
             ["CC=gcc", "HOME=/home/u", "LC_ALL=C", "PATH=/bin", "X=a=b"]
+        );
+    }
+
+    #[test]
+    fn set_var_keeps_the_order() {
+        let mut env = thunk_env(caller(), &[], false);
+        set_var(&mut env, "HOME", "/tmp/h");
+        set_var(&mut env, "A", "1");
+        assert_eq!(
+            names(&env),
+            ["A=1", "HOME=/tmp/h", "LC_ALL=C", "PATH=/usr/bin"]
         );
     }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::store::model::{StorePath, ThunkKey};
 
+use super::hermetic::ProjectView;
 use super::Thunk;
 
 /// Variables a build sets for its thunks (`COT_BUILD_JOBS`) that are not part of their keys:
@@ -84,22 +85,91 @@ impl Binds {
     }
 }
 
-/// The options of a thunk that change what it can see or do, encoded for its key. Writable
-/// directories under the project are relative, like every stored path.
+/// The options of a thunk that change what it can see or do, as its key holds them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Options {
+    writable: Vec<StorePath>,
+    hide: Vec<String>,
+    rootless: bool,
+}
+
+/// `--hermetic` and `--net`, encoded after [`Options`] only when one is set, so that the keys
+/// of the other thunks are what they were before these options existed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Isolation {
+    hermetic: Option<StoredView>,
+    net: bool,
+}
+
+/// A [`ProjectView`] as a key holds it: paths under the project relative to it, sorted.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum StoredView {
+    Whole,
+    Only {
+        paths: Vec<StorePath>,
+        allow: Vec<String>,
+    },
+}
+
+/// The options of a thunk encoded for its key. Writable directories and declared paths under
+/// the project are relative, like every stored path.
 fn options(thunk: &Thunk, paths: &Paths) -> Vec<u8> {
-    #[derive(serde::Serialize)]
-    struct Options<'a> {
-        writable: Vec<StorePath>,
-        hide: &'a [String],
-        rootless: bool,
-    }
     let options = Options {
         writable: thunk.writable.iter().map(|w| paths.to_store(w)).collect(),
-        hide: &thunk.hide,
+        hide: thunk.hide.clone(),
         rootless: thunk.rootless,
     };
     // Encoding plain data into a Vec cannot fail.
-    postcard::to_stdvec(&options).unwrap_or_default()
+    let mut bytes = postcard::to_stdvec(&options).unwrap_or_default();
+    if thunk.hermetic.is_some() || thunk.net {
+        let hermetic = thunk.hermetic.as_ref().map(|view| match view {
+            ProjectView::Whole => StoredView::Whole,
+            ProjectView::Only {
+                paths: shown,
+                allow,
+            } => {
+                let mut stored: Vec<StorePath> = shown.iter().map(|p| paths.to_store(p)).collect();
+                stored.sort();
+                stored.dedup();
+                StoredView::Only {
+                    paths: stored,
+                    allow: allow.clone(),
+                }
+            }
+        });
+        let isolation = Isolation {
+            hermetic,
+            net: thunk.net,
+        };
+        bytes.extend(postcard::to_stdvec(&isolation).unwrap_or_default());
+    }
+    bytes
+}
+
+/// What the options of a key say of `--hermetic` and `--net`: the view of the project (`None`
+/// when not hermetic) and whether the network is the host's. Every key can be decoded: one
+/// that cannot (written by another version) is taken as neither.
+pub fn isolation(options: &[u8], paths: &Paths) -> (Option<ProjectView>, bool) {
+    let Ok((_, rest)) = postcard::take_from_bytes::<Options>(options) else {
+        return (None, false);
+    };
+    if rest.is_empty() {
+        return (None, false);
+    }
+    let Ok(isolation) = postcard::from_bytes::<Isolation>(rest) else {
+        return (None, false);
+    };
+    let view = isolation.hermetic.map(|stored| match stored {
+        StoredView::Whole => ProjectView::Whole,
+        StoredView::Only {
+            paths: shown,
+            allow,
+        } => ProjectView::Only {
+            paths: shown.iter().map(|p| paths.to_view(p)).collect(),
+            allow,
+        },
+    });
+    (view, isolation.net)
 }
 
 /// The key of a thunk in this project.
@@ -156,6 +226,95 @@ mod tests {
         // A second checkout maps the same stored path to its own root.
         let other = Paths::new(Path::new("/srv/ci/proj"));
         assert_eq!(other.to_view(&stored), Path::new("/srv/ci/proj/src/a.c"));
+    }
+
+    fn thunk() -> Thunk {
+        Thunk {
+            argv: vec!["cc".into(), "-c".into(), "a.c".into()],
+            env: Vec::new(),
+            cwd: "/home/u/proj".into(),
+            system_root: "/".into(),
+            writable: vec!["/home/u/proj/out".into()],
+            hide: vec!["/secret".into()],
+            rootless: false,
+            target: Some("a.o".into()),
+            net: false,
+            hermetic: None,
+        }
+    }
+
+    #[test]
+    fn options_of_plain_thunks_are_unchanged_by_isolation() {
+        let paths = Paths::new(Path::new("/home/u/proj"));
+        let plain = thunk_key(&thunk(), &paths);
+        // The encoding every key had before --hermetic and --net.
+        #[derive(serde::Serialize)]
+        struct Before<'a> {
+            writable: Vec<StorePath>,
+            hide: &'a [String],
+            rootless: bool,
+        }
+        let before = Before {
+            writable: vec![StorePath::Project(b"out".to_vec())],
+            hide: &["/secret".to_string()],
+            rootless: false,
+        };
+        assert_eq!(plain.options, postcard::to_stdvec(&before).unwrap());
+        assert_eq!(isolation(&plain.options, &paths), (None, false));
+    }
+
+    #[test]
+    fn the_view_and_the_network_round_trip_through_the_key() {
+        let paths = Paths::new(Path::new("/home/u/proj"));
+        let view = ProjectView::Only {
+            paths: vec!["/home/u/proj/b.h".into(), "/home/u/proj/a.c".into()],
+            allow: vec!["*.h".into()],
+        };
+        let hermetic = Thunk {
+            hermetic: Some(view),
+            net: true,
+            ..thunk()
+        };
+        let key = thunk_key(&hermetic, &paths);
+        let sorted = ProjectView::Only {
+            paths: vec!["/home/u/proj/a.c".into(), "/home/u/proj/b.h".into()],
+            allow: vec!["*.h".into()],
+        };
+        assert_eq!(isolation(&key.options, &paths), (Some(sorted), true));
+        // Another checkout sees its own paths.
+        let moved = Paths::new(Path::new("/srv/proj"));
+        let (moved_view, _) = isolation(&key.options, &moved);
+        assert_eq!(
+            moved_view,
+            Some(ProjectView::Only {
+                paths: vec!["/srv/proj/a.c".into(), "/srv/proj/b.h".into()],
+                allow: vec!["*.h".into()],
+            })
+        );
+        // Each of them makes another thunk.
+        let whole = Thunk {
+            hermetic: Some(ProjectView::Whole),
+            ..thunk()
+        };
+        let net_only = Thunk {
+            net: true,
+            ..thunk()
+        };
+        let keys = [
+            thunk_key(&thunk(), &paths).options,
+            key.options.clone(),
+            thunk_key(&whole, &paths).options,
+            thunk_key(&net_only, &paths).options,
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(
+            isolation(&thunk_key(&whole, &paths).options, &paths),
+            (Some(ProjectView::Whole), false)
+        );
     }
 
     #[test]

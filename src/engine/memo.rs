@@ -123,7 +123,7 @@ pub fn run(
     super::project::recover_dead_layers(&project_root);
     let paths = Paths::new(&project_root);
     let binds = Binds::new(super::view_binds(thunk, &project_root)?);
-    let hidden = cot_fusefs::hide_set(&thunk.hide)?;
+    let hidden = super::hide_rule(thunk, &project_root)?;
     let key = thunk_key(thunk, &paths);
     let id = thunk_id(&key);
     let (store_dir, cas_dir) = store_dirs(&project_root, options);
@@ -231,7 +231,7 @@ pub fn record_run(
     let project_root = super::project::find_root(&thunk.cwd);
     let paths = Paths::new(&project_root);
     let binds = Binds::new(super::view_binds(thunk, &project_root)?);
-    let hidden = cot_fusefs::hide_set(&thunk.hide)?;
+    let hidden = super::hide_rule(thunk, &project_root)?;
     // The digests of unchanged files it read are known: one batch from the store.
     let read: Vec<PathBuf> = ran
         .accesses

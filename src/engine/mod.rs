@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod env;
+pub mod hermetic;
 pub mod inspect;
 pub mod key;
 pub mod memo;
@@ -17,7 +18,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cot_fusefs::{Access, CommitSummary, Options, ProxyFs};
+use cot_fusefs::{Access, CommitSummary, HideRule, Options, ProxyFs};
 use cot_sandbox::{Outcome, Spec};
 
 /// Where the sandbox's special filesystems are mounted over the FUSE root.
@@ -52,6 +53,12 @@ pub struct Thunk {
     pub rootless: bool,
     /// The make target whose recipe line this is (`cot make`), part of the key.
     pub target: Option<String>,
+    /// Share the host's network (`--net`) instead of a network namespace of its own with only
+    /// a loopback interface.
+    pub net: bool,
+    /// `--hermetic`: what the thunk sees of the project (see [`hermetic`]); `None` when it is
+    /// not hermetic.
+    pub hermetic: Option<hermetic::ProjectView>,
 }
 
 /// How to run a thunk, beyond what it is.
@@ -171,6 +178,12 @@ pub fn execute_with(
         fuse_fsname: "cot".into(),
         hostname: None,
         tmp_keep: Vec::new(),
+        tmp_dirs: thunk
+            .hermetic
+            .iter()
+            .map(|_| PathBuf::from(hermetic::HOME))
+            .collect(),
+        host_network: thunk.net,
         stdout: None,
         stderr: None,
         socket: options.socket.clone(),
@@ -259,7 +272,8 @@ fn fuse_threads() -> usize {
 
 /// Declares the thunk's view: the system root at `/`, the project and extra writable
 /// directories at their own paths (bound separately when the system root is another tree),
-/// mount points for the special filesystems, and cot's own state hidden.
+/// mount points for the special filesystems, cot's own state hidden, and for a hermetic thunk
+/// the default hidden paths and the undeclared files of the project concealed.
 fn fs_options(
     thunk: &Thunk,
     project_root: &Path,
@@ -278,16 +292,52 @@ fn fs_options(
             }
         }
     }
+    let (hide_elsewhere, unhidden) = hidden_elsewhere(thunk, project_root)?;
+    let conceal = thunk
+        .hermetic
+        .as_ref()
+        .and_then(|view| view.visible_globs(project_root))
+        .map(|visible| cot_fusefs::Conceal {
+            roots: vec![project_root.to_path_buf()],
+            visible,
+        });
     Ok(Options {
         binds,
         writable,
         hide: thunk.hide.clone(),
+        hide_elsewhere,
+        unhidden,
+        conceal,
         internal: vec![project_root.join(project::STATE_DIR)],
         mountpoints,
         layer_dir: layer_dir.to_path_buf(),
         passthrough,
         ttl: VIEW_TTL,
     })
+}
+
+/// What the thunk's view hides (`--hide`, and under `--hermetic` the default hidden paths):
+/// the filesystem and the observers of the thunk's inputs agree on it.
+pub fn hide_rule(thunk: &Thunk, project_root: &Path) -> Result<HideRule, Error> {
+    let (elsewhere, unhidden) = hidden_elsewhere(thunk, project_root)?;
+    Ok(HideRule::new(&thunk.hide, &elsewhere, &unhidden)?)
+}
+
+/// The default hidden paths of a hermetic thunk, and what they spare: the project, the
+/// writable directories and cot itself (make runs it as its shell), with the way to them.
+fn hidden_elsewhere(
+    thunk: &Thunk,
+    project_root: &Path,
+) -> Result<(Vec<String>, Vec<PathBuf>), Error> {
+    if thunk.hermetic.is_none() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let mut unhidden = writable_roots(thunk, project_root)?;
+    if let Ok(exe) = std::env::current_exe() {
+        unhidden.push(exe);
+    }
+    let hidden = hermetic::HIDDEN.iter().map(|g| g.to_string()).collect();
+    Ok((hidden, unhidden))
 }
 
 /// The project and the `--writable` directories, canonical.

@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use globset::GlobSet;
+use cot_fusefs::HideRule;
 use parking_lot::Mutex;
 
 use crate::store::model::{
@@ -82,7 +82,7 @@ pub struct Observer<'a> {
     pub check: CheckMode,
     pub files: &'a dyn FileStates,
     /// Paths the view hides (`--hide`), left out of listings.
-    pub hidden: &'a GlobSet,
+    pub hidden: &'a HideRule,
     /// cot's own state directory, never seen by a thunk.
     pub internal: PathBuf,
     hashes: AtomicU64,
@@ -154,7 +154,7 @@ impl<'a> Observer<'a> {
         binds: &'a Binds,
         check: CheckMode,
         files: &'a dyn FileStates,
-        hidden: &'a GlobSet,
+        hidden: &'a HideRule,
     ) -> Observer<'a> {
         Observer {
             paths,
@@ -304,7 +304,7 @@ impl<'a> Observer<'a> {
                 continue;
             }
             let child = view.join(&name);
-            if child == self.internal || self.hidden.is_match(&child) {
+            if child == self.internal || self.hidden.is_hidden(&child) {
                 continue;
             }
             let kind = match entry.file_type() {
@@ -462,7 +462,7 @@ mod tests {
         dir: tempfile::TempDir,
         paths: Paths,
         binds: Binds,
-        hidden: GlobSet,
+        hidden: HideRule,
     }
 
     fn fixture() -> Fixture {
@@ -471,7 +471,7 @@ mod tests {
         Fixture {
             paths,
             binds: Binds::new(vec![("/".into(), "/".into())]),
-            hidden: GlobSet::empty(),
+            hidden: HideRule::new(&[], &[], &[]).expect("no globs"),
             dir,
         }
     }

@@ -8,6 +8,7 @@ mod harness;
 mod autotools;
 mod build;
 mod crash;
+mod hermetic;
 mod inspect;
 mod isolation;
 mod lifecycle;

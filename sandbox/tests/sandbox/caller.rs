@@ -46,6 +46,8 @@ pub fn main(args: &[OsString]) -> ! {
         fuse_fsname: "cot".into(),
         hostname: None,
         tmp_keep: Vec::new(),
+        tmp_dirs: Vec::new(),
+        host_network: false,
         stdout: None,
         stderr: None,
         socket: None,
