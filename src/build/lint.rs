@@ -29,13 +29,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use globset::GlobSet;
 use serde::Serialize;
 
 use super::engine::{command_of, display_path, target_of, World};
-use crate::engine::key::Paths;
+use crate::engine::key::{lexical, Paths};
 use crate::store::model::{
     Declared, Digest, InputKind, Observed, OutputState, StorePath, SyncEvent, ThunkId, ThunkKey,
     Trace,
@@ -545,7 +545,7 @@ impl<'a> Graph<'a> {
                 continue;
             };
             let cwd = paths.to_view(&thunk.key.cwd);
-            let resolve = |p: &[u8]| paths.to_store(&normalize(&cwd.join(OsStr::from_bytes(p))));
+            let resolve = |p: &[u8]| paths.to_store(&lexical(&cwd.join(OsStr::from_bytes(p))));
             let target = resolve(target);
             let prereqs = rules.entry(target.clone()).or_default();
             for p in declared.prereqs.iter().chain(&declared.order_only) {
@@ -605,7 +605,7 @@ impl<'a> Graph<'a> {
                 };
                 for (target, prereqs) in make_rules(&text) {
                     let resolve =
-                        |p: &[u8]| paths.to_store(&normalize(&cwd.join(OsStr::from_bytes(p))));
+                        |p: &[u8]| paths.to_store(&lexical(&cwd.join(OsStr::from_bytes(p))));
                     let entry = rules.entry(resolve(&target)).or_default();
                     entry.extend(prereqs.iter().map(|p| resolve(p)));
                 }
@@ -841,22 +841,6 @@ fn make_rules(text: &[u8]) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
     rules
 }
 
-/// `path` with `.` and `..` components resolved lexically (make's names are not resolved
-/// through symlinks either).
-fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    out
-}
-
 /// The findings as text, one per line.
 pub fn render_text(findings: &[Finding]) -> String {
     let mut text = String::new();
@@ -930,7 +914,7 @@ mod tests {
     #[test]
     fn paths_are_normalized_lexically() {
         assert_eq!(
-            normalize(Path::new("/p/b/../include/./a.h")),
+            lexical(Path::new("/p/b/../include/./a.h")),
             Path::new("/p/include/a.h")
         );
     }

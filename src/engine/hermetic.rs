@@ -17,7 +17,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -109,21 +109,6 @@ impl ProjectView {
     }
 }
 
-/// `a/./b/../c` -> `a/c`, without looking at the file system (as make names files).
-fn lexical(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    out
-}
-
 /// The paths a make recipe line declared: its target and prerequisites, as make wrote them
 /// (relative to the recipe's working directory `cwd`, or absolute), made absolute, sorted.
 pub fn declared_paths(cwd: &Path, target: Option<&str>, declared: &Declared) -> Vec<PathBuf> {
@@ -135,7 +120,7 @@ pub fn declared_paths(cwd: &Path, target: Option<&str>, declared: &Declared) -> 
         .chain(target.map(std::ffi::OsStr::new));
     let mut paths: Vec<PathBuf> = words
         .filter(|word| !word.is_empty())
-        .map(|word| lexical(&cwd.join(word)))
+        .map(|word| crate::engine::key::lexical(&cwd.join(word)))
         .collect();
     paths.sort();
     paths.dedup();

@@ -172,6 +172,21 @@ pub fn isolation(options: &[u8], paths: &Paths) -> (Option<ProjectView>, bool) {
     (view, isolation.net)
 }
 
+/// `a/./b/../c` -> `a/c`, without looking at the file system (as make names files).
+pub fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// The key of a thunk in this project.
 pub fn thunk_key(thunk: &Thunk, paths: &Paths) -> ThunkKey {
     ThunkKey {

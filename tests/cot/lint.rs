@@ -371,8 +371,9 @@ fn files_under(root: &std::path::Path) -> std::collections::BTreeMap<String, Vec
     out
 }
 
-/// bzip2 1.0.8 (a real plain Makefile, in the project's `bzip2/`) under `cot make -j2 --lint`: the same files as plain
-/// `make -j2` at the same path (gcc -g records the directory), and exactly the findings
+/// bzip2 1.0.8 (a real plain Makefile, in the project's `bzip2/`) under `cot make -j2 --lint`:
+/// the same files as plain `make -j2` at the same path (gcc -g records the directory), and
+/// exactly the findings
 /// reviewed: its object rules list no headers (`bzlib.h`, `bzlib_private.h`), `blocksort.o`'s
 /// recipe prints `words0`, and the phony `test` leaves scratch files no rule declares. Its
 /// `test` reads the samples and `./bzip2` undeclared, which is not reported: a rule that makes
