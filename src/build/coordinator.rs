@@ -19,7 +19,9 @@ use super::engine::{
     command_of, ChildOutcome, Executed, Known, Requests, Resolved, State, World, ROOT_PARENT,
 };
 use super::progress::Progress;
-use super::protocol::{read_message, write_message, ChildDone, FromWorker, Job};
+use super::protocol::{
+    path_hash, read_message, write_message, ChildDone, FromWorker, Job, ToWorker,
+};
 use crate::cas::Cas;
 use crate::engine::key::{thunk_key, Binds, Paths};
 use crate::engine::memo;
@@ -421,6 +423,11 @@ impl World for std::sync::Arc<RealWorld> {
             check: self.settings.check,
             no_passthrough: self.settings.no_passthrough,
             show_output: key.parent == Some((ROOT_PARENT, 0)),
+            wanted: requests
+                .wanted()
+                .iter()
+                .map(|path| path_hash(&self.paths.to_view(path)))
+                .collect(),
         };
         let result = (|| -> anyhow::Result<Executed> {
             write_message(&mut channel, &job).context("cannot send the job to its worker")?;
@@ -443,10 +450,37 @@ impl World for std::sync::Arc<RealWorld> {
                         let writer = &writer;
                         scope.spawn(move || {
                             let outcome = requests.request(key, skip_if_new);
-                            let done = self.child_done(request, outcome);
+                            let done = ToWorker::Child(self.child_done(request, outcome));
                             // The thunk may have ended meanwhile: nobody to tell.
                             let _ = write_message(&mut *writer.lock(), &done);
                         });
+                    }
+                    FromWorker::Want { request, path } => {
+                        let path = self.paths.to_store(&path);
+                        let writer = &writer;
+                        scope.spawn(move || {
+                            let error = requests.want(&path).err();
+                            let answer = ToWorker::Wanted { request, error };
+                            let _ = write_message(&mut *writer.lock(), &answer);
+                        });
+                    }
+                    // Before any later request of the thunk is read: its recipes know them.
+                    FromWorker::Rules {
+                        argv,
+                        env,
+                        cwd,
+                        targets,
+                    } => {
+                        let rules = targets
+                            .into_iter()
+                            .map(|(target, path)| {
+                                let mut argv = argv.clone();
+                                argv.push(target);
+                                let key = self.key_of(argv, env.clone(), cwd.clone(), None);
+                                (self.paths.to_store(&path), key)
+                            })
+                            .collect();
+                        requests.rules(rules);
                     }
                     FromWorker::Finished {
                         recorded,

@@ -5,7 +5,9 @@
 //!
 //! A script is one step a line: `read P`, `write P = A + B + 3` (the sum of the numbers in
 //! files A, B and the constant; reading A and B), `run NAME` (request a child and wait for
-//! it), `bg NAME` (request without waiting), `wait` (wait for the background children).
+//! it), `bg NAME` (request without waiting), `wait` (wait for the background children),
+//! `rule P NAME` (make's rule: P is made on demand by the thunk NAME). A read of a path the
+//! build produces waits first, as a lookup in the sandbox does.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -185,6 +187,21 @@ impl World for Arc<Fake> {
         read(&script_file, &mut inputs, &mut seen, &written);
         let script = self.get(&script_file).unwrap_or_default();
         let mut exit_code = 0;
+        // The first lookup of a path another thunk produces waits for it (as the worker's
+        // lookup gate does); refused, the read fails and so does the thunk.
+        let wanted: HashSet<StorePath> = requests.wanted().into_iter().collect();
+        let mut asked: HashSet<String> = HashSet::new();
+        let mut refused = None;
+        let mut lookup = |p: &str| {
+            let store = path(p);
+            if wanted.contains(&store) && asked.insert(p.to_string()) {
+                if let Err(message) = requests.want(&store) {
+                    refused = Some(message);
+                    return false;
+                }
+            }
+            true
+        };
         std::thread::scope(|scope| {
             let mut background = Vec::new();
             for line in script.lines() {
@@ -194,21 +211,37 @@ impl World for Arc<Fake> {
                     _ => line.split_whitespace().collect(),
                 };
                 match words.as_slice() {
-                    ["read", p] => read(p, &mut inputs, &mut seen, &written),
+                    ["read", p] => {
+                        if !lookup(p) {
+                            exit_code = 1;
+                            break;
+                        }
+                        read(p, &mut inputs, &mut seen, &written)
+                    }
                     ["write", p, "=", rest @ ..] => {
                         let mut sum = 0;
+                        let mut failed = false;
                         for term in rest.iter().filter(|t| **t != "+") {
                             match term.parse::<i64>() {
                                 Ok(n) => sum += n,
                                 Err(_) => {
+                                    if !written.iter().any(|w| w == term) && !lookup(term) {
+                                        failed = true;
+                                        break;
+                                    }
                                     read(term, &mut inputs, &mut seen, &written);
                                     sum += self.value(term);
                                 }
                             }
                         }
+                        if failed {
+                            exit_code = 1;
+                            break;
+                        }
                         self.set(p, &sum.to_string());
                         written.push(p.to_string());
                     }
+                    ["rule", p, thunk] => requests.rules(vec![(path(p), key_for(thunk))]),
                     ["echo", text] => stdout.push_str(text),
                     ["fail"] => exit_code = 1,
                     ["run", child] => {
@@ -247,6 +280,9 @@ impl World for Arc<Fake> {
                 calls.end(index, &outcome);
             }
         });
+        if refused.is_some() {
+            exit_code = 1;
+        }
         let (children, events, child_writes) = calls.finish();
         let (inputs, internal) = split_internal(inputs, &child_writes);
         // A failed thunk's writes are discarded, as the sandbox does.
@@ -370,6 +406,7 @@ struct Report {
     ran: Vec<String>,
     states: BTreeMap<String, State>,
     reasons: BTreeMap<String, String>,
+    messages: BTreeMap<String, String>,
     damaged: Vec<String>,
     restored: Vec<String>,
     removed: Vec<String>,
@@ -383,9 +420,13 @@ fn build_with(fake: &Arc<Fake>, root: &str, options: Options) -> Report {
     let outcome = build.run(key(root)).expect("the build runs");
     let mut states = BTreeMap::new();
     let mut reasons = BTreeMap::new();
+    let mut messages = BTreeMap::new();
     for thunk in &outcome.thunks {
         states.insert(command_of(&thunk.key), thunk.state);
         reasons.insert(command_of(&thunk.key), thunk.reason.clone());
+        if let Some(message) = &thunk.message {
+            messages.insert(command_of(&thunk.key), message.clone());
+        }
     }
     let names = |paths: &[StorePath]| -> Vec<String> {
         let mut v: Vec<String> = paths.iter().map(Fake::name).collect();
@@ -396,6 +437,7 @@ fn build_with(fake: &Arc<Fake>, root: &str, options: Options) -> Report {
         ran: fake.ran.lock().clone(),
         states,
         reasons,
+        messages,
         damaged: names(&outcome.damaged),
         restored: names(&outcome.restored),
         removed: names(&outcome.removed),
@@ -1015,4 +1057,174 @@ fn the_same_command_under_two_parents_runs_once() {
     let report = build(&fake, "root");
     assert_eq!(report.ran, set_of(&["gen"]));
     assert_eq!(fake.value("gen.h"), 2);
+}
+
+// Files made on demand. The script below has a missing ordering: the compile reads gen.h, which
+// the build makes after it. A correct script makes gen.h first.
+const MISORDERED: &[(&str, &str)] = &[
+    ("root", "run cc\nrun gen"),
+    ("cc", "write main.o = gen.h + main.c"),
+    ("gen", "write gen.h = gen.sh + 0"),
+];
+const ORDERED: &[(&str, &str)] = &[
+    ("root", "run gen\nrun cc"),
+    ("cc", "write main.o = gen.h + main.c"),
+    ("gen", "write gen.h = gen.sh + 0"),
+];
+
+fn assert_as_ordered(fake: &Arc<Fake>, what: &str) {
+    let clean = clean_build_files(ORDERED, fake, "root", &["gen.sh", "main.c"]);
+    for p in ["gen.h", "main.o"] {
+        assert_eq!(fake.get(p), clean.get(p).cloned(), "{p} after {what}");
+    }
+}
+
+#[test]
+fn a_missing_ordering_reads_what_this_build_makes_not_what_the_last_one_left() {
+    let fake = project(MISORDERED, &[("gen.sh", "1"), ("main.c", "10")]);
+    // The first build knows nothing of gen.h (without make's rules): the compile reads none.
+    build(&fake, "root");
+    assert_eq!(fake.value("main.o"), 10);
+    for generator in ["2", "3", "4"] {
+        // The compile is decided against gen.h as this build makes it: the generator runs
+        // first (on demand), then the compile, each once; the root's own request reuses it.
+        fake.set("gen.sh", generator);
+        let report = build(&fake, "root");
+        assert_eq!(report.ran, vec!["gen".to_string(), "cc".to_string()]);
+        assert_eq!(report.states["gen"], State::Dirty);
+        assert_as_ordered(&fake, &format!("gen.sh = {generator}"));
+    }
+    fake.set("main.c", "20");
+    let report = build(&fake, "root");
+    assert_eq!(report.ran, vec!["cc".to_string()]);
+    assert_as_ordered(&fake, "main.c = 20");
+    assert!(build(&fake, "root").ran.is_empty());
+}
+
+#[test]
+fn a_running_thunk_waits_for_a_file_the_build_makes() {
+    let fake = project(
+        &[
+            ("root", "run cc\nrun gen"),
+            ("cc", "write main.o = main.c + 0"),
+            ("gen", "write gen.h = gen.sh + 0"),
+        ],
+        &[("gen.sh", "1"), ("main.c", "10")],
+    );
+    build(&fake, "root");
+    // The compile now reads gen.h, which it never read: its lookup waits for the generator.
+    fake.set(&script_path("cc"), "write main.o = gen.h + main.c");
+    fake.set("gen.sh", "5");
+    let report = build(&fake, "root");
+    assert_eq!(sorted(&report.ran), set_of(&["cc", "gen"]));
+    assert_eq!(fake.value("main.o"), 15);
+    assert_eq!(report.states["gen"], State::Dirty);
+    assert!(build(&fake, "root").ran.is_empty());
+}
+
+#[test]
+fn a_first_build_makes_a_file_by_its_rule_on_demand() {
+    let scripts: &[(&str, &str)] = &[
+        ("root", "rule gen.h make-gen\nrun cc\nrun gen"),
+        ("make-gen", "run gen"),
+        ("cc", "write main.o = gen.h + main.c"),
+        ("gen", "write gen.h = gen.sh + 0"),
+    ];
+    let fake = project(scripts, &[("gen.sh", "1"), ("main.c", "10")]);
+    let report = build(&fake, "root");
+    // The rule's thunk makes gen.h for the compile; the root's own request of the generator
+    // reuses that run.
+    assert_eq!(
+        report.ran,
+        vec!["root", "cc", "make-gen", "gen"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    );
+    assert_as_ordered(&fake, "the first build");
+    for generator in ["2", "3"] {
+        fake.set("gen.sh", generator);
+        let report = build(&fake, "root");
+        assert_eq!(report.ran, vec!["gen".to_string(), "cc".to_string()]);
+        assert_as_ordered(&fake, &format!("gen.sh = {generator}"));
+    }
+}
+
+#[test]
+fn a_cycle_of_waits_fails_with_a_message_naming_it() {
+    let fake = project(
+        &[
+            ("root", "rule a.out make-a\nrule b.out make-b\nrun a\nrun b"),
+            ("make-a", "run a"),
+            ("make-b", "run b"),
+            ("a", "write a.out = b.out + 1"),
+            ("b", "write b.out = a.out + 1"),
+        ],
+        &[],
+    );
+    let report = build(&fake, "root");
+    // Both lookups on the cycle are refused: a fails, the root stops there. (The rule's own
+    // run of a, waiting for the root's, goes on once the cycle is broken.)
+    assert_eq!(report.exit_code, 1);
+    assert_eq!(report.states["root"], State::Failed);
+    for name in ["a", "b"] {
+        let message = &report.messages[name];
+        assert!(
+            message.contains("a cycle of waits")
+                && message.contains("a.out")
+                && message.contains("b.out"),
+            "{name}: {message}"
+        );
+    }
+}
+
+#[test]
+fn a_thunk_made_on_demand_that_its_parent_no_longer_requests_is_stale() {
+    let fake = project(MISORDERED, &[("gen.sh", "1"), ("main.c", "10")]);
+    build(&fake, "root");
+    fake.set("main.c", "2");
+    build(&fake, "root");
+    assert_eq!(fake.value("main.o"), 3);
+    // The generator's step is gone: the compile still finds gen.h made by it in this build,
+    // but the generator is no longer part of the build; its gen.h is deleted, and the compile,
+    // decided again, makes what a clean build of the new script makes.
+    fake.set(&script_path("root"), "run cc");
+    fake.set("main.c", "20");
+    let report = build(&fake, "root");
+    assert_eq!(report.states["gen"], State::Stale);
+    assert_eq!(report.removed, set_of(&["gen.h"]));
+    assert_eq!(fake.get("gen.h"), None);
+    assert_eq!(fake.value("main.o"), 20);
+    assert!(build(&fake, "root").ran.is_empty());
+}
+
+#[test]
+fn a_rule_listed_in_this_build_comes_before_the_last_builds_maker() {
+    let scripts: &[(&str, &str)] = &[
+        ("root", "rule gen.h make-gen\nrun cc\nrun gen"),
+        ("make-gen", "run gen"),
+        ("cc", "write main.o = gen.h + main.c"),
+        ("gen", "write gen.h = gen.sh + 0"),
+        ("gen2", "write gen.h = gen.sh + 100"),
+    ];
+    let fake = project(scripts, &[("gen.sh", "1"), ("main.c", "10")]);
+    build(&fake, "root");
+    assert_eq!(fake.value("main.o"), 11);
+    // The makefile now makes gen.h another way: the compile gets it made by the new rule, not
+    // by the last build's recipe, which nothing asks for any more.
+    fake.set(
+        &script_path("root"),
+        "rule gen.h make-gen\nrun cc\nrun gen2",
+    );
+    fake.set(&script_path("make-gen"), "run gen2");
+    let report = build(&fake, "root");
+    assert_eq!(fake.value("main.o"), 111, "{:?}", report.reasons);
+    assert!(!report.ran.contains(&"gen".to_string()), "{:?}", report.ran);
+    assert_eq!(
+        report.ran.iter().filter(|n| *n == "gen2").count(),
+        1,
+        "{:?}",
+        report.ran
+    );
+    assert!(build(&fake, "root").ran.is_empty());
 }
