@@ -13,6 +13,7 @@ mod isolation;
 mod lifecycle;
 mod memo;
 mod memo_props;
+mod ondemand;
 mod rootless;
 mod tracing;
 mod writes;
