@@ -11,15 +11,16 @@
 //! differently (exit status, output) or leaves something else at a path the thunk read.
 //!
 //! Files are *made on demand*: the last build's record says which thunk produced each path
-//! (its *products*), and a make that runs lists its rules (see [`Requests::rules`]). A thunk never
-//! reads such a path before its producer is done in this build: a running thunk's first
-//! lookup of it waits ([`Requests::want`]), and so does the decision of a thunk against its
-//! recorded read of it; a producer nobody asked for yet is resolved there and then (reused,
-//! replayed or run, as always). So a missing ordering (make -j) neither fails nor reads the
-//! last build's file ("time travel"). Who waits for whom is a graph; a wait that would close a
-//! cycle is refused with a message naming it, failing the running thunks on the cycle, never a
-//! hang. A thunk resolved on demand that its parent then does not ask for is not part of the
-//! build: its outputs are deleted like those of a stale thunk.
+//! (its *products*), and a make that runs lists its rules for missing files (see
+//! [`Requests::rules`]). A thunk never reads such a path before its producer is done in this
+//! build: a running thunk's first lookup of it waits ([`Requests::want`]), and so does the
+//! decision of a thunk against its recorded read of it; a producer nobody asked for yet is
+//! resolved there and then (reused, replayed or run, as always). So a missing ordering (make
+//! -j) neither fails nor reads the last build's file ("time travel"). Who waits for whom is a
+//! graph; a wait that would close a cycle is refused with a message naming it, failing the
+//! running thunks on the cycle, never a hang. A thunk resolved on demand that its parent then
+//! does not ask for is not part of the build: its outputs are deleted like those of a stale
+//! thunk, and the build is decided once more.
 //!
 //! Nothing here touches a file or a process: the [`World`] does (the real one in
 //! `coordinator.rs`, a fake one in the tests), so the rebuild logic is tested without root.
@@ -161,10 +162,11 @@ pub trait Requests: Sync {
     /// asked for it yet, and puts it on disk as that thunk left it. An error names the cycle
     /// that waiting would close: the lookup fails, and so must the thunk.
     fn want(&self, path: &StorePath) -> Result<(), String>;
-    /// `cot make`: make's rules, as the running make lists them. Each path can be made on
-    /// demand by resolving its key (make with that target), named by the requester with the
-    /// occurrence [`ON_DEMAND`]. For a path this build has not made yet, a rule listed in
-    /// this build takes precedence over the last build's producer.
+    /// `cot make`: the running thunk runs a make (it says so when make starts, with no
+    /// rules, so that it never waits for a rule), and these are its rules for files missing
+    /// now. For its recipes, each path is made on demand by resolving its key (make with that
+    /// target), named by the requester with the occurrence [`ON_DEMAND`], unless the last
+    /// build says who makes it.
     fn rules(&self, rules: Vec<(StorePath, ThunkKey)>);
 }
 
@@ -531,11 +533,10 @@ struct Shared {
     /// until the thunk is resolved: its other traces are loaded only if that one no longer
     /// holds.
     preloaded: HashMap<ThunkId, Known>,
-    /// Paths make's rules make on demand, to the thunk that does ([`Requests::rules`]).
-    rules: HashMap<StorePath, ThunkId>,
+    /// For each thunk running a make that listed its rules ([`Requests::rules`]): the paths
+    /// they make, to the thunk making each on demand.
+    rules: HashMap<ThunkId, HashMap<StorePath, ThunkId>>,
     rule_thunks: HashMap<ThunkId, Rule>,
-    /// The rule thunks each make that ran in this build listed.
-    rule_sets: HashMap<ThunkId, HashSet<ThunkId>>,
     /// Thunks being resolved, with their command (for messages).
     in_flight: HashMap<ThunkId, String>,
     /// Thunks executing: their ids, and their shapes (a thunk with the same command waits).
@@ -563,6 +564,16 @@ struct Recorded {
     parent: Option<ThunkId>,
     key: ThunkKey,
     shape: ThunkId,
+}
+
+/// Where a thunk waits for a path (see [`Shared::producer_for`]).
+struct Maker {
+    /// The thunk that makes the path.
+    producer: ThunkId,
+    /// The thunk to wait for: the producer, or the ancestor of it to resolve first.
+    target: ThunkId,
+    /// The target's key and parent, when it is not part of the build yet.
+    start: Option<(ThunkKey, ThunkId)>,
 }
 
 /// A make rule whose target can be made on demand.
@@ -683,49 +694,67 @@ impl Shared {
         })
     }
 
-    /// Who makes `path` in this build: the rule of a make that ran in this build (its
-    /// makefiles may have changed since the last build), unless a thunk of this build made
-    /// the path already; else the thunk of the last build that made it.
-    fn producer_of(&self, path: &StorePath) -> Option<ThunkId> {
-        match self.rules.get(path) {
-            Some(_) if self.keystate.contains_key(path) => None,
-            Some(rule) => Some(*rule),
-            None => self.products.by_path.get(path).copied(),
+    /// The rules `thunk` may wait for: those of the make that requested it (a recipe), or,
+    /// under a rule's thunk, those of that rule's make. None for a thunk running a make
+    /// itself: make looks at its targets before it makes them, its recipes read them.
+    fn rules_for(&self, thunk: &ThunkId) -> Option<&HashMap<StorePath, ThunkId>> {
+        if self.rules.contains_key(thunk) {
+            return None;
         }
+        let mut make = self.parent_of.get(thunk)?;
+        if let Some(rule) = self.rule_thunks.get(make) {
+            make = &rule.make;
+        }
+        self.rules.get(make)
     }
 
-    /// Where `thunk` waits for `path`: the thunk to wait for, and, when it is not part of this
-    /// build yet, its key and parent to resolve it with. That is the path's producer, or the
-    /// ancestor of it that hangs from a thunk of this build (a producer whose parent has not
-    /// been requested yet is made by resolving that parent, as it was made last time).
+    /// Who makes `path` for `thunk` in this build: the thunk of the last build that made it;
+    /// else, for a lookup (`rules`) of a path no thunk of this build made yet, the rule of its
+    /// make. (A decision is made against the last build's reads: a path a rule makes was read
+    /// by nothing yet, or the last build knows who makes it.)
+    fn producer_of(&self, thunk: &ThunkId, path: &StorePath, rules: bool) -> Option<ThunkId> {
+        if let Some(producer) = self.products.by_path.get(path) {
+            return Some(*producer);
+        }
+        if !rules || self.keystate.contains_key(path) {
+            return None;
+        }
+        self.rules_for(thunk)?.get(path).copied()
+    }
+
+    /// Where `thunk` waits for `path` (on a lookup, else in its decision): the thunk to wait
+    /// for, and, when it is not part of this build yet, its key and parent to resolve it
+    /// with. That is the path's producer, or the ancestor of it that hangs from a thunk of this
+    /// build (a producer whose parent has not been requested yet is made by resolving that
+    /// parent, as it was made last time).
     fn producer_for(
         &self,
         thunk: &ThunkId,
         key: &ThunkKey,
         path: &StorePath,
-    ) -> Option<(ThunkId, Option<(ThunkKey, ThunkId)>)> {
-        let producer = self.producer_of(path)?;
+        lookup: bool,
+    ) -> Option<Maker> {
+        let producer = self.producer_of(thunk, path, lookup)?;
         if self.never_waits(thunk, key, &shape_of(key), &producer, path) {
             return None;
         }
         let mut at = producer;
         for _ in 0..MAX_DEPTH {
             if self.ordered.contains(&at) {
-                return Some((at, None));
+                return Some(Maker {
+                    producer,
+                    target: at,
+                    start: None,
+                });
             }
             let parent = self.parent(&at)?;
             let at_key = self.key_of(&at)?;
-            // A rule thunk of a make that ran in this build and no longer lists it.
-            if is_rule_thunk(at_key)
-                && self
-                    .rule_sets
-                    .get(&parent)
-                    .is_some_and(|set| !set.contains(&at))
-            {
-                return None;
-            }
             if self.ordered.contains(&parent) {
-                return Some((at, Some((at_key.clone(), parent))));
+                return Some(Maker {
+                    producer,
+                    target: at,
+                    start: Some((at_key.clone(), parent)),
+                });
             }
             if parent == *thunk || self.is_ancestor(&parent, thunk) {
                 return None;
@@ -808,6 +837,8 @@ struct Inner<W: World> {
     settled: Condvar,
     /// Threads resolving thunks on demand, joined before the build ends.
     helpers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The last pass found thunks made on demand that are not part of the build.
+    outsiders: AtomicBool,
 }
 
 /// How a thunk is asked for.
@@ -861,6 +892,7 @@ impl<W: World> Build<W> {
                 interrupted: AtomicBool::new(false),
                 settled: Condvar::new(),
                 helpers: Mutex::new(Vec::new()),
+                outsiders: AtomicBool::new(false),
             }),
         }
     }
@@ -882,11 +914,16 @@ impl<W: World> Build<W> {
         }
         let outcome = inner.resolve_root(root, key.clone(), record.as_ref());
         let first = inner.finish(root, outcome, record)?;
-        if first.removed.is_empty() || first.interrupted || inner.options.mode == Mode::DryRun {
+        let outsiders = inner.outsiders.swap(false, Ordering::Relaxed);
+        if (first.removed.is_empty() && !outsiders)
+            || first.interrupted
+            || inner.options.mode == Mode::DryRun
+        {
             return Ok(first);
         }
         // Deleting the outputs of stale thunks may have changed what a thunk of this build
-        // read (a directory listing, `cc *.o`): decide once more, now that they are gone.
+        // read (a directory listing, `cc *.o`), and so may a thunk made on demand that is not
+        // part of the build after all (what it made was read): decide once more.
         inner.reset();
         let record = inner.world.record(&root)?;
         let outcome = inner.resolve_root(root, key, record.as_ref());
@@ -1303,7 +1340,8 @@ impl<W: World> Inner<W> {
     /// this build, resolving it now if nobody asked for it yet: for a running thunk's first
     /// lookup of `path` (`lookup`), then put on disk as this build left it, or for the decision
     /// of a thunk against its recorded read of `path`. An error names the cycle that waiting
-    /// would close (a decision then simply does not wait).
+    /// would close (a decision then simply does not wait), or, for a lookup, the maker that
+    /// failed in this build.
     fn await_path(
         self: &Arc<Self>,
         waiter: ThunkId,
@@ -1315,7 +1353,12 @@ impl<W: World> Inner<W> {
         if shared.products.by_path.is_empty() && shared.rules.is_empty() {
             return Ok(());
         }
-        let Some((target, start)) = shared.producer_for(&waiter, key, path) else {
+        let Some(Maker {
+            producer,
+            target,
+            start,
+        }) = shared.producer_for(&waiter, key, path, lookup)
+        else {
             return Ok(());
         };
         let done = shared.resolved.contains_key(&target) && !shared.in_flight.contains_key(&target);
@@ -1342,6 +1385,17 @@ impl<W: World> Inner<W> {
             shared.waits.remove(&wait);
             if let Some(message) = broken {
                 return Err(message);
+            }
+        }
+        // A maker that failed in this build left nothing to read (the file on disk, if any,
+        // is the last build's).
+        if let Some(failed) = shared.resolved.get(&producer).filter(|r| r.exit_code != 0) {
+            if lookup && !shared.keystate.contains_key(path) {
+                return Err(format!(
+                    "its maker `{}` failed (exit status {})",
+                    shared.command(&failed.id),
+                    failed.exit_code
+                ));
             }
         }
         let state = shared.keystate.get(path).map(|(state, _)| state.clone());
@@ -2205,6 +2259,9 @@ impl<W: World> Inner<W> {
         // Made on demand, then not asked for: what they made goes, unless a thunk of the build
         // wrote it after them.
         let deleting = !self.options.keep_stale && !dry && !interrupted && !self.stopping();
+        if !outsiders.is_empty() && !dry && !interrupted && !self.stopping() {
+            self.outsiders.store(true, Ordering::Relaxed);
+        }
         for id in shared.order.iter().filter(|id| outsiders.contains(*id)) {
             let Some(resolved) = shared.resolved.get_mut(id) else {
                 continue;
@@ -2436,17 +2493,19 @@ impl<W: World> Requests for Running<W> {
     fn wanted(&self) -> Vec<StorePath> {
         let shared = self.build.shared.lock();
         let shape = shape_of(&self.key);
-        let paths = shared.products.by_path.keys().chain(
-            shared
-                .rules
-                .keys()
-                .filter(|path| !shared.products.by_path.contains_key(*path)),
-        );
+        let rules = shared.rules_for(&self.id);
+        let paths = shared
+            .products
+            .by_path
+            .keys()
+            .chain(rules.into_iter().flat_map(HashMap::keys));
         paths
             .filter(|path| {
-                shared.producer_of(path).is_some_and(|producer| {
-                    !shared.never_waits(&self.id, &self.key, &shape, &producer, path)
-                })
+                shared
+                    .producer_of(&self.id, path, true)
+                    .is_some_and(|producer| {
+                        !shared.never_waits(&self.id, &self.key, &shape, &producer, path)
+                    })
             })
             .cloned()
             .collect()
@@ -2466,6 +2525,7 @@ impl<W: World> Requests for Running<W> {
 
     fn rules(&self, rules: Vec<(StorePath, ThunkKey)>) {
         let mut shared = self.build.shared.lock();
+        shared.rules.entry(self.id).or_default();
         // A make run on demand lists the rules of the make it stands for again.
         let mut at = Some(self.id);
         for _ in 0..MAX_DEPTH {
@@ -2475,20 +2535,23 @@ impl<W: World> Requests for Running<W> {
             }
             at = shared.parent(&id);
         }
-        let mut listed = HashSet::new();
         for (path, mut key) in rules {
             key.parent = Some((self.name, ON_DEMAND));
             let id = thunk_id(&key);
-            listed.insert(id);
-            shared.rules.entry(path).or_insert(id);
+            shared
+                .rules
+                .entry(self.id)
+                .or_default()
+                .entry(path)
+                .or_insert(id);
             shared.rule_thunks.insert(id, Rule { key, make: self.id });
         }
-        shared.rule_sets.entry(self.id).or_default().extend(listed);
     }
 }
 
 /// The thunks resolved in this build that are not part of it: made on demand, then not
-/// requested by their parent (a make rule's thunk is its make's), and everything below one.
+/// requested by their parent (a make rule's thunk is its make's; a parent that failed keeps
+/// them), and everything below one.
 fn outsiders(shared: &Shared, root: ThunkId) -> HashSet<ThunkId> {
     let mut member: HashMap<ThunkId, bool> = HashMap::from([(root, true)]);
     for id in shared.resolved.keys() {
@@ -2502,15 +2565,20 @@ fn outsiders(shared: &Shared, root: ThunkId) -> HashSet<ThunkId> {
                 break true;
             }
             chain.push(at);
+            let parent = shared.parent_of.get(&at);
+            // (A parent that failed might have asked for it had it gone on.)
             let asked = shared.requested.contains(&at)
                 || shared
                     .resolved
                     .get(&at)
-                    .is_some_and(|r| is_rule_thunk(&r.key));
+                    .is_some_and(|r| is_rule_thunk(&r.key))
+                || parent
+                    .and_then(|p| shared.resolved.get(p))
+                    .is_some_and(|p| p.exit_code != 0);
             if !asked {
                 break false;
             }
-            match shared.parent_of.get(&at) {
+            match parent {
                 Some(parent) => at = *parent,
                 None => break true,
             }

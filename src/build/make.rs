@@ -704,12 +704,34 @@ pub fn rule_targets(data_base: &[u8]) -> Vec<Vec<u8>> {
     targets
 }
 
-/// Inside a build, after phase 0: lists make's rules to the build (see
-/// [`crate::build::engine::Requests::rules`]), so that each file target can be made on demand
-/// by this driver, with the caller's arguments and that target. make prints its data base
-/// (`-p`) and runs nothing: `-q`, a goal of ours with an empty recipe, the makefiles marked
-/// old, and `$(shell ...)` run by `/bin/sh` rather than requested as thunks. What make says on
-/// its standard error (warnings printed by phase 1 anyway) is dropped.
+/// Tells the build that this thunk runs a make, and `targets`: the rules for which this
+/// driver, with the caller's arguments (not their goals) and the target added, makes the file
+/// on demand (see [`crate::build::engine::Requests::rules`]).
+fn tell_rules(
+    parsed: &[Parsed],
+    cot_exe: &Path,
+    targets: Vec<(OsString, PathBuf)>,
+) -> io::Result<()> {
+    let mut argv: Vec<OsString> = vec![cot_exe.into(), "__make".into()];
+    argv.extend(
+        parsed
+            .iter()
+            .filter(|p| p.kind != Kind::Goal)
+            .flat_map(|p| p.words.iter().cloned()),
+    );
+    let cwd = std::env::current_dir()?;
+    super::client::rules(argv, super::client::request_env(), cwd, targets)
+        .map_err(|e| io::Error::other(format!("{e:#}")))
+}
+
+/// Inside a build, after phase 0: lists make's rules for the files missing now to the build
+/// ([`tell_rules`]), so that each can be made on demand for a recipe of this make. (A file
+/// that exists is read as it is until a build records who makes it: asking make for it would
+/// run a make for every file a recipe reads that has a rule, catch-all rules included, when
+/// make would leave nearly all of them alone.) make prints its data base (`-p`) and runs
+/// nothing: `-q`, a goal of ours with an empty recipe, the makefiles marked old, and
+/// `$(shell ...)` run by `/bin/sh` rather than requested as thunks. What make says on its
+/// standard error (warnings printed by phase 1 anyway) is dropped.
 fn list_rules(parsed: &[Parsed], makefiles: &[OsString], cot_exe: &Path) -> io::Result<()> {
     let mut args: Vec<OsString> = vec!["-p".into(), "-q".into()];
     for makefile in makefiles {
@@ -736,8 +758,7 @@ fn list_rules(parsed: &[Parsed], makefiles: &[OsString], cot_exe: &Path) -> io::
         .output()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot run {MAKE}: {e}")))?;
     // make's own directory: the working directory, changed by each `-C`.
-    let cwd = std::env::current_dir()?;
-    let mut dir = cwd.clone();
+    let mut dir = std::env::current_dir()?;
     for p in parsed {
         if let Kind::Options(options) = &p.kind {
             for (opt, value) in options {
@@ -760,20 +781,12 @@ fn list_rules(parsed: &[Parsed], makefiles: &[OsString], cot_exe: &Path) -> io::
                 .collect();
             (name, path)
         })
+        .filter(|(_, path)| std::fs::symlink_metadata(path).is_err())
         .collect();
     if targets.is_empty() {
         return Ok(());
     }
-    // The driver itself, with the caller's arguments but not their goals.
-    let mut argv: Vec<OsString> = vec![cot_exe.into(), "__make".into()];
-    argv.extend(
-        parsed
-            .iter()
-            .filter(|p| p.kind != Kind::Goal)
-            .flat_map(|p| p.words.iter().cloned()),
-    );
-    super::client::rules(argv, super::client::request_env(), cwd, targets)
-        .map_err(|e| io::Error::other(format!("{e:#}")))
+    tell_rules(parsed, cot_exe, targets)
 }
 
 /// Runs make for `cot make` (and for `$(MAKE)` inside a build): phase 0 then phase 1 as above.
@@ -803,6 +816,14 @@ pub fn drive(args: &[OsString], cot_exe: &Path, jobs: usize) -> io::Result<i32> 
     }
     let scratch = scratch_dir()?;
     let reads_stdin = makefile_from_stdin(&mut parsed, scratch.path())?;
+    // The thunk runs a make: it never waits for a rule (make looks at its targets, missing
+    // ones too, before it makes them).
+    let listing = super::client::inside_build() && !reads_stdin;
+    if listing {
+        if let Err(e) = tell_rules(&parsed, cot_exe, Vec::new()) {
+            eprintln!("cot: cannot tell the build that make runs: {e}");
+        }
+    }
     let jobs_flag = (!has_option(&parsed, |opt| *opt == Opt::Short(b'j')))
         .then(|| OsString::from(format!("-j{}", jobs.max(1))));
 
@@ -824,7 +845,7 @@ pub fn drive(args: &[OsString], cot_exe: &Path, jobs: usize) -> io::Result<i32> 
 
     let makefiles = recorded_makefiles(&record)?;
     // (A makefile read from standard input lives in the scratch directory, gone afterwards.)
-    if super::client::inside_build() && !reads_stdin {
+    if listing {
         if let Err(e) = list_rules(&parsed, &makefiles, cot_exe) {
             eprintln!("cot: cannot list make's rules, no file is made on demand: {e}");
         }
