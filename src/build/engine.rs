@@ -63,6 +63,11 @@ pub fn is_rule_thunk(key: &ThunkKey) -> bool {
         .is_some_and(|(_, occurrence)| occurrence == ON_DEMAND)
 }
 
+/// How many recorded inputs the traces loaded with the products may hold in all (about
+/// 200 bytes each in memory). Past it, only each thunk's last trace is kept until the thunk is
+/// resolved; its others are loaded again if that one no longer holds.
+const PRELOAD_INPUTS: usize = 1_000_000;
+
 /// How far up a chain of parents is looked at most (a guard against a malformed record).
 const MAX_DEPTH: usize = 256;
 
@@ -529,10 +534,9 @@ struct Shared {
     // Files made on demand.
     /// What the last build produced.
     products: Arc<Products>,
-    /// The key and last trace of each thunk of the last build, loaded with the products,
-    /// until the thunk is resolved: its other traces are loaded only if that one no longer
-    /// holds.
-    preloaded: HashMap<ThunkId, Known>,
+    /// The key and traces of each thunk of the last build, loaded with the products, until
+    /// the thunk is resolved, and whether they are all its traces (see [`PRELOAD_INPUTS`]).
+    preloaded: HashMap<ThunkId, (Known, bool)>,
     /// For each thunk running a make that listed its rules ([`Requests::rules`]): the paths
     /// they make, to the thunk making each on demand.
     rules: HashMap<ThunkId, HashMap<StorePath, ThunkId>>,
@@ -839,6 +843,8 @@ struct Inner<W: World> {
     helpers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The last pass found thunks made on demand that are not part of the build.
     outsiders: AtomicBool,
+    /// See [`PRELOAD_INPUTS`].
+    preload_inputs: usize,
 }
 
 /// How a thunk is asked for.
@@ -893,8 +899,19 @@ impl<W: World> Build<W> {
                 settled: Condvar::new(),
                 helpers: Mutex::new(Vec::new()),
                 outsiders: AtomicBool::new(false),
+                preload_inputs: PRELOAD_INPUTS,
             }),
         }
+    }
+
+    /// Keeps no more than `inputs` recorded inputs in the traces loaded with the products
+    /// (see [`PRELOAD_INPUTS`]), for the tests.
+    #[cfg(test)]
+    pub fn preload_inputs(mut self, inputs: usize) -> Build<W> {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.preload_inputs = inputs;
+        }
+        self
     }
 
     pub fn world(&self) -> &W {
@@ -989,14 +1006,16 @@ impl<W: World> Inner<W> {
         outcome
     }
 
-    /// Loads the last build's thunks (their keys and last traces are kept for their
-    /// resolution) and what each produced. A path several thunks wrote is a product only when
+    /// Loads the last build's thunks (their keys and traces are kept for their resolution,
+    /// within [`PRELOAD_INPUTS`]) and what each produced. A path several thunks wrote is a product only when
     /// they all ran the same command (one run reused by several parents); a file edited in
     /// place by successive steps is not waited for.
     fn load_products(&self, record: &BuildRecord) {
         let threads = self.options.jobs.clamp(2, 8);
         let part = record.thunks.len().div_ceil(threads).max(1);
-        let loaded: Vec<(&BuildThunk, Known)> = std::thread::scope(|scope| {
+        let budget = std::sync::atomic::AtomicUsize::new(self.preload_inputs);
+        let budget = &budget;
+        let loaded: Vec<(&BuildThunk, Known, bool)> = std::thread::scope(|scope| {
             let parts: Vec<_> = record
                 .thunks
                 .chunks(part)
@@ -1005,12 +1024,17 @@ impl<W: World> Inner<W> {
                         thunks
                             .iter()
                             .filter_map(|t| {
-                                let (key, traces) = self.world.thunk(&t.id).ok()??;
-                                let last: Vec<(TraceId, Trace)> = traces
-                                    .into_iter()
-                                    .filter(|(id, _)| *id == t.trace)
-                                    .collect();
-                                Some((t, (key, last)))
+                                let (key, mut traces) = self.world.thunk(&t.id).ok()??;
+                                let size: usize = traces.iter().map(|(_, t)| t.inputs.len()).sum();
+                                let kept = budget
+                                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                                        left.checked_sub(size)
+                                    })
+                                    .is_ok();
+                                if !kept {
+                                    traces.retain(|(id, _)| *id == t.trace);
+                                }
+                                Some((t, (key, traces), kept))
                             })
                             .collect::<Vec<_>>()
                     })
@@ -1023,8 +1047,8 @@ impl<W: World> Inner<W> {
         });
         let mut products = Products::default();
         let mut writers: HashMap<&StorePath, Vec<ThunkId>> = HashMap::new();
-        for (thunk, (key, traces)) in &loaded {
-            if let Some((_, trace)) = traces.first() {
+        for (thunk, (key, traces), _) in &loaded {
+            if let Some((_, trace)) = traces.iter().find(|(id, _)| *id == thunk.trace) {
                 for output in &trace.outputs {
                     if output.state != OutputState::Deleted {
                         writers.entry(&output.path).or_default().push(thunk.id);
@@ -1065,16 +1089,16 @@ impl<W: World> Inner<W> {
         // (A thunk whose last trace is gone from the store is loaded whole when resolved.)
         shared.preloaded = loaded
             .into_iter()
-            .filter(|(_, (_, traces))| !traces.is_empty())
-            .map(|(thunk, known)| (thunk.id, known))
+            .filter(|(_, (_, traces), complete)| *complete || !traces.is_empty())
+            .map(|(thunk, known, complete)| (thunk.id, (known, complete)))
             .collect();
     }
 
-    /// A thunk's key and traces, and whether those are all its traces: its last build's
-    /// trace only, when loaded with the products (see [`Shared::preloaded`]), else all.
+    /// A thunk's key and traces, and whether those are all its traces (see
+    /// [`Shared::preloaded`]).
     fn known(&self, id: &ThunkId) -> anyhow::Result<Option<(Known, bool)>> {
-        if let Some(known) = self.shared.lock().preloaded.remove(id) {
-            return Ok(Some((known, false)));
+        if let Some(loaded) = self.shared.lock().preloaded.remove(id) {
+            return Ok(Some(loaded));
         }
         Ok(self.world.thunk(id)?.map(|known| (known, true)))
     }
@@ -1235,6 +1259,7 @@ impl<W: World> Inner<W> {
         key: &ThunkKey,
         trace: &Trace,
     ) -> Option<String> {
+        let products = Arc::clone(&self.shared.lock().products);
         for input in &trace.inputs {
             // A path the thunk itself writes: a lookup of it is no input, and finding it as
             // the thunk left it (its own earlier run in this build, before its requester
@@ -1243,9 +1268,10 @@ impl<W: World> Inner<W> {
             if probe {
                 continue;
             }
-            if own.is_none() {
+            // A decision waits for the last build's producers only (not for make's rules).
+            if own.is_none() && products.by_path.contains_key(&input.path) {
                 // Only a lookup waits for a cycle to be broken; a decision goes on.
-                let _ = self.await_path(id, key, &input.path, false);
+                let _ = self.await_path(id, key, &input.path, false, &|| ());
             }
             let known = {
                 let shared = self.shared.lock();
@@ -1341,13 +1367,14 @@ impl<W: World> Inner<W> {
     /// lookup of `path` (`lookup`), then put on disk as this build left it, or for the decision
     /// of a thunk against its recorded read of `path`. An error names the cycle that waiting
     /// would close (a decision then simply does not wait), or, for a lookup, the maker that
-    /// failed in this build.
+    /// failed in this build. `before_waiting` is called once before it blocks.
     fn await_path(
         self: &Arc<Self>,
         waiter: ThunkId,
         key: &ThunkKey,
         path: &StorePath,
         lookup: bool,
+        before_waiting: &dyn Fn(),
     ) -> Result<(), String> {
         let mut shared = self.shared.lock();
         if shared.products.by_path.is_empty() && shared.rules.is_empty() {
@@ -1373,12 +1400,19 @@ impl<W: World> Inner<W> {
                     self.start_on_demand(&mut shared, target, target_key, parent);
                 }
             }
+            let mut told = false;
             let broken = loop {
                 if let Some(message) = shared.waits.get(&wait).and_then(|w| w.broken.clone()) {
                     break Some(message);
                 }
                 if !shared.in_flight.contains_key(&target) {
                     break None;
+                }
+                if !told {
+                    // Not under the lock (it may wait for a job slot); then look again.
+                    told = true;
+                    parking_lot::MutexGuard::unlocked(&mut shared, before_waiting);
+                    continue;
                 }
                 self.settled.wait(&mut shared);
             };
@@ -2295,7 +2329,7 @@ impl<W: World> Inner<W> {
                     continue;
                 }
                 let known = match shared.preloaded.remove(&thunk.id) {
-                    Some(known) => Some(known),
+                    Some((known, _)) => Some(known),
                     None => self.world.thunk(&thunk.id).ok().flatten(),
                 };
                 let Some((key, traces)) = known else {
@@ -2512,9 +2546,17 @@ impl<W: World> Requests for Running<W> {
     }
 
     fn want(&self, path: &StorePath) -> Result<(), String> {
-        self.lend_slot();
-        let result = self.build.await_path(self.id, &self.key, path, true);
-        self.take_slot();
+        // The slot is lent only if the lookup waits.
+        let lent = std::cell::Cell::new(false);
+        let lend = || {
+            if !lent.replace(true) {
+                self.lend_slot();
+            }
+        };
+        let result = self.build.await_path(self.id, &self.key, path, true, &lend);
+        if lent.get() {
+            self.take_slot();
+        }
         if let Err(message) = &result {
             self.refused
                 .lock()

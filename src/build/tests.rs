@@ -416,8 +416,14 @@ struct Report {
 }
 
 fn build_with(fake: &Arc<Fake>, root: &str, options: Options) -> Report {
+    build_preloading(fake, root, options, usize::MAX)
+}
+
+/// [`build_with`], the traces loaded with the last build's products holding at most
+/// `preload` inputs.
+fn build_preloading(fake: &Arc<Fake>, root: &str, options: Options, preload: usize) -> Report {
     fake.ran.lock().clear();
-    let build = Build::new(fake.clone(), options);
+    let build = Build::new(fake.clone(), options).preload_inputs(preload);
     let outcome = build.run(key(root)).expect("the build runs");
     let mut states = BTreeMap::new();
     let mut reasons = BTreeMap::new();
@@ -1280,4 +1286,30 @@ fn only_recipes_wait_for_their_makes_rules_never_a_make() {
         ["root", "sub", "cc", "make-x"].map(String::from).to_vec()
     );
     assert_eq!(fake.value("out"), 5);
+}
+
+#[test]
+fn an_older_trace_is_found_when_only_the_last_one_was_loaded_ahead() {
+    let fake = yacc();
+    fake.set("main.c", "5");
+    build(&fake, "run prog");
+    // Back as it was: the compile's and the link's first traces hold again, though only the
+    // last ones were loaded with the products.
+    fake.set("main.c", "1");
+    let options = Options {
+        jobs: 2,
+        ..Options::default()
+    };
+    let report = build_preloading(&fake, "run prog", options, 0);
+    assert!(report.ran.is_empty(), "{:?}", report.reasons);
+    for name in ["cc main", "ld"] {
+        assert!(
+            report.reasons[name].starts_with("valid trace"),
+            "{name}: {}",
+            report.reasons[name]
+        );
+    }
+    // The product is put back; main.o, an intermediate nothing that runs needs, is left.
+    assert_eq!(report.restored, set_of(&["prog"]));
+    assert_eq!(report.damaged, set_of(&["main.o"]));
 }
