@@ -840,7 +840,7 @@ struct Inner<W: World> {
     /// Notified when a thunk's resolution or run ends, or a wait is given up.
     settled: Condvar,
     /// Threads resolving thunks on demand, joined before the build ends.
-    helpers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    on_demand_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The last pass found thunks made on demand that are not part of the build.
     outsiders: AtomicBool,
     /// See [`PRELOAD_INPUTS`].
@@ -897,7 +897,7 @@ impl<W: World> Build<W> {
                 stopping: AtomicBool::new(false),
                 interrupted: AtomicBool::new(false),
                 settled: Condvar::new(),
-                helpers: Mutex::new(Vec::new()),
+                on_demand_threads: Mutex::new(Vec::new()),
                 outsiders: AtomicBool::new(false),
                 preload_inputs: PRELOAD_INPUTS,
             }),
@@ -995,12 +995,12 @@ impl<W: World> Inner<W> {
             },
         );
         loop {
-            let helpers = std::mem::take(&mut *self.helpers.lock());
-            if helpers.is_empty() {
+            let threads = std::mem::take(&mut *self.on_demand_threads.lock());
+            if threads.is_empty() {
                 break;
             }
-            for helper in helpers {
-                let _ = helper.join();
+            for thread in threads {
+                let _ = thread.join();
             }
         }
         outcome
@@ -1457,11 +1457,11 @@ impl<W: World> Inner<W> {
         };
         shared.claim(id, &key, &asked);
         let me = self.clone();
-        let helper = std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             me.resolve_claimed(id, key, None, asked);
             me.release(id);
         });
-        self.helpers.lock().push(helper);
+        self.on_demand_threads.lock().push(thread);
     }
 
     /// Resolves one thunk: reuse, replay or run it.
