@@ -13,7 +13,8 @@
 //!   [`Handle::discard`]). For nested thunks, [`Handle::publish`] applies the layer so far
 //!   while the mount keeps serving, and [`Handle::invalidate`] makes the mount show paths
 //!   another process changed in the real trees (and [`Handle::reveal`] lets it see them where
-//!   a concealment rule would not).
+//!   a concealment rule would not), and [`Handle::gate_lookups`] makes lookups wait for the
+//!   caller (a build makes a file on demand).
 //! - [`recover`]: after a crash, finishes the commit a layer was in (its journal says what
 //!   is left to do, see [`Recovery`]) or throws the layer away.
 //!
@@ -185,6 +186,24 @@ pub struct Stats {
     pub writes: u64,
 }
 
+/// What a lookup waits for before it is resolved: called with the absolute view path of every
+/// lookup that reaches the filesystem (a thunk's first access to a path: the kernel caches the
+/// answer), so that the caller can first have the path made in the real trees, by someone
+/// else. An error fails the lookup with `EIO`. Internal and hidden paths never reach it. It
+/// runs on a FUSE thread: it must not itself wait for this mount's requests (e.g. through
+/// [`Handle::invalidate`]).
+#[derive(Clone)]
+pub struct LookupGate(pub Arc<GateFn>);
+
+/// The function behind a [`LookupGate`].
+pub type GateFn = dyn Fn(&Path) -> std::io::Result<()> + Send + Sync;
+
+impl std::fmt::Debug for LookupGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LookupGate")
+    }
+}
+
 /// The caller's side of a [`ProxyFs`]: the access log, the layer, and the kernel's cache of
 /// the mount (through the session [`serve`] runs). Cheap to clone.
 #[derive(Clone)]
@@ -322,6 +341,13 @@ impl Handle {
                 .revealed
                 .extend(paths.iter().map(|p| config::normalize(p)));
         }
+    }
+
+    /// Makes every lookup pass through `gate` first (see [`LookupGate`]). Set it before the
+    /// mount serves anyone: lookups already answered are cached by the kernel. Only the first
+    /// gate set counts.
+    pub fn gate_lookups(&self, gate: LookupGate) {
+        let _ = self.inner.gate.set(gate);
     }
 
     /// Marks the layer finished (only one of commit and discard may run, once) and keeps it

@@ -42,6 +42,8 @@ pub(crate) struct Inner {
     /// what it cached. Cleared when the session ends, so the /dev/fuse descriptor it holds
     /// closes with the session.
     pub(crate) notifier: Mutex<Option<fuser::Notifier>>,
+    /// Set once by [`crate::Handle::gate_lookups`]: called before each lookup is resolved.
+    pub(crate) gate: std::sync::OnceLock<crate::LookupGate>,
 }
 
 impl Inner {
@@ -55,6 +57,7 @@ impl Inner {
             nodes: RwLock::new(Nodes::new()),
             io: Mutex::new(IoTable::default()),
             notifier: Mutex::new(None),
+            gate: std::sync::OnceLock::new(),
         }
     }
 
@@ -506,11 +509,17 @@ impl ProxyFs {
 
     pub(crate) fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr, Errno> {
         bump(&self.inner.stats.lookups);
-        let state = self.inner.layer.read();
         let path = self.child_path(parent, name)?;
         if self.cfg().is_internal(&path) {
             return Err(Errno::ENOENT);
         }
+        // Before the layer's lock: the gate may wait long, and a publish needs that lock.
+        if let Some(gate) = self.inner.gate.get() {
+            if !self.cfg().is_hidden(&path) {
+                (gate.0)(&path).map_err(|_| Errno::EIO)?;
+            }
+        }
+        let state = self.inner.layer.read();
         if self.cfg().is_hidden(&path) {
             self.record(AccessKind::Hidden, &path, None);
             return Err(Errno::ENOENT);

@@ -80,6 +80,24 @@ fn request(
     deliver(answer)
 }
 
+/// `cot make`: tells the build make's rules (see `FromClient::Rules`).
+pub fn rules(
+    argv: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    cwd: PathBuf,
+    targets: Vec<(OsString, PathBuf)>,
+) -> anyhow::Result<()> {
+    match call(&FromClient::Rules {
+        argv,
+        env,
+        cwd,
+        targets,
+    })? {
+        ToClient::Refused { message } => anyhow::bail!("{message}"),
+        _ => Ok(()),
+    }
+}
+
 /// `cot wait`: waits for every background child this thunk started.
 pub fn wait() -> anyhow::Result<u8> {
     deliver(call(&FromClient::Wait)?)

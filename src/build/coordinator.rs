@@ -19,7 +19,9 @@ use super::engine::{
     command_of, ChildOutcome, Executed, Known, Requests, Resolved, State, World, ROOT_PARENT,
 };
 use super::progress::Progress;
-use super::protocol::{read_message, write_message, ChildDone, FromWorker, Job};
+use super::protocol::{
+    path_hash, read_message, write_message, ChildDone, FromWorker, Job, ToWorker,
+};
 use crate::cas::Cas;
 use crate::engine::hermetic::{self, ProjectView};
 use crate::engine::key::{self, thunk_key, Binds, Paths};
@@ -279,8 +281,8 @@ impl RealWorld {
     }
 
     /// What a hermetic child thunk sees of the project: a recipe line its declarations, unless
-    /// it runs a sub-make; make's `$(shell ...)` all of it, as make reads its makefiles; any
-    /// other child what `--allow` names.
+    /// it runs a sub-make; make's `$(shell ...)` and a make run for a target on demand all of
+    /// it, as make reads its makefiles; any other child what `--allow` names.
     fn child_view(
         &self,
         argv: &[OsString],
@@ -293,13 +295,15 @@ impl RealWorld {
             && argv.len() == 3
             && argv[0] == super::make::RECIPE_SHELL
             && argv[1] == "-c";
+        // make itself, run for a target another recipe looks for (see `FromWorker::Rules`).
+        let make_call = argv.len() >= 2 && Path::new(&argv[0]) == self.exe && argv[1] == "__make";
         match declared {
             Some(_) if hermetic::runs_sub_make(argv, &self.exe) => ProjectView::Whole,
             Some(declared) => ProjectView::Only {
                 paths: hermetic::declared_paths(cwd, target, declared),
                 allow,
             },
-            None if shell_call => ProjectView::Whole,
+            None if shell_call || make_call => ProjectView::Whole,
             None => ProjectView::Only {
                 paths: Vec::new(),
                 allow,
@@ -526,6 +530,11 @@ impl World for std::sync::Arc<RealWorld> {
             check: self.settings.check,
             no_passthrough: self.settings.no_passthrough,
             show_output: key.parent == Some((ROOT_PARENT, 0)),
+            wanted: requests
+                .wanted()
+                .iter()
+                .map(|path| path_hash(&self.paths.to_view(path)))
+                .collect(),
         };
         let result = (|| -> anyhow::Result<Executed> {
             write_message(&mut channel, &job).context("cannot send the job to its worker")?;
@@ -548,10 +557,37 @@ impl World for std::sync::Arc<RealWorld> {
                         let writer = &writer;
                         scope.spawn(move || {
                             let outcome = requests.request(key, skip_if_new);
-                            let done = self.child_done(request, outcome);
+                            let done = ToWorker::Child(self.child_done(request, outcome));
                             // The thunk may have ended meanwhile: nobody to tell.
                             let _ = write_message(&mut *writer.lock(), &done);
                         });
+                    }
+                    FromWorker::Want { request, path } => {
+                        let path = self.paths.to_store(&path);
+                        let writer = &writer;
+                        scope.spawn(move || {
+                            let error = requests.want(&path).err();
+                            let answer = ToWorker::Wanted { request, error };
+                            let _ = write_message(&mut *writer.lock(), &answer);
+                        });
+                    }
+                    // Before any later request of the thunk is read: its recipes know them.
+                    FromWorker::Rules {
+                        argv,
+                        env,
+                        cwd,
+                        targets,
+                    } => {
+                        let rules = targets
+                            .into_iter()
+                            .map(|(target, path)| {
+                                let mut argv = argv.clone();
+                                argv.push(target);
+                                let key = self.key_of(argv, env.clone(), cwd.clone(), None, None);
+                                (self.paths.to_store(&path), key)
+                            })
+                            .collect();
+                        requests.rules(rules);
                     }
                     FromWorker::Finished {
                         recorded,

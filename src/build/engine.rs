@@ -10,6 +10,18 @@
 //! A replayed thunk is executed after all (a *restart*) when one of its children now ends
 //! differently (exit status, output) or leaves something else at a path the thunk read.
 //!
+//! Files are *made on demand*: the last build's record says which thunk produced each path
+//! (its *products*), and a make that runs lists its rules for missing files (see
+//! [`Requests::rules`]). A thunk never reads such a path before its producer is done in this
+//! build: a running thunk's first lookup of it waits ([`Requests::want`]), and so does the
+//! decision of a thunk against its recorded read of it; a producer nobody asked for yet is
+//! resolved there and then (reused, replayed or run, as always). So a missing ordering (make
+//! -j) neither fails nor reads the last build's file ("time travel"). Who waits for whom is a
+//! graph; a wait that would close a cycle is refused with a message naming it, failing the
+//! running thunks on the cycle, never a hang. A thunk resolved on demand that its parent then
+//! does not ask for is not part of the build: its outputs are deleted like those of a stale
+//! thunk, and the build is decided once more.
+//!
 //! Nothing here touches a file or a process: the [`World`] does (the real one in
 //! `coordinator.rs`, a fake one in the tests), so the rebuild logic is tested without root.
 
@@ -37,6 +49,27 @@ pub const BUILD_CHILDREN: ThunkId = [1; 32];
 
 /// A thunk's key and its traces, most recently used first.
 pub type Known = (ThunkKey, Vec<(TraceId, Trace)>);
+
+/// A thunk's traces as loaded, and whether they are all of them (see [`Inner::known`]).
+type Loaded = (Vec<(TraceId, Trace)>, bool);
+
+/// The occurrence that names the thunk making one make rule's target on demand, under the make
+/// that listed the rule (see [`Requests::rules`]): no requester counts that far.
+pub const ON_DEMAND: u32 = u32::MAX;
+
+/// Whether a thunk makes a make rule's target on demand (see [`ON_DEMAND`]).
+pub fn is_rule_thunk(key: &ThunkKey) -> bool {
+    key.parent
+        .is_some_and(|(_, occurrence)| occurrence == ON_DEMAND)
+}
+
+/// How many recorded inputs the traces loaded with the products may hold in all (about
+/// 200 bytes each in memory). Past it, only each thunk's last trace is kept until the thunk is
+/// resolved; its others are loaded again if that one no longer holds.
+const PRELOAD_INPUTS: usize = 1_000_000;
+
+/// How far up a chain of parents is looked at most (a guard against a malformed record).
+const MAX_DEPTH: usize = 256;
 
 const TYPE_BITS: u32 = 0o170000;
 const DIRECTORY: u32 = 0o040000;
@@ -125,6 +158,21 @@ pub trait Requests: Sync {
     /// succeeds (`cot make` asks make for every recipe, which must not make cot run a recipe
     /// for a file a release ships, e.g. `configure`, that plain make would leave alone).
     fn request(&self, key: ThunkKey, skip_if_new: bool) -> ChildOutcome;
+    /// The paths the running thunk waits for before it looks them up: what other thunks of
+    /// the build produce, except itself, its ancestors and descendants, and (make) the recipes
+    /// of its own target. Asked once, when it starts.
+    fn wanted(&self) -> Vec<StorePath>;
+    /// The running thunk looks up `path` (one of [`Requests::wanted`]) for the first time:
+    /// blocks until the thunk producing it is done in this build, resolving it now if nobody
+    /// asked for it yet, and puts it on disk as that thunk left it. An error names the cycle
+    /// that waiting would close: the lookup fails, and so must the thunk.
+    fn want(&self, path: &StorePath) -> Result<(), String>;
+    /// `cot make`: the running thunk runs a make (it says so when make starts, with no
+    /// rules, so that it never waits for a rule), and these are its rules for files missing
+    /// now. For its recipes, each path is made on demand by resolving its key (make with that
+    /// target), named by the requester with the occurrence [`ON_DEMAND`], unless the last
+    /// build says who makes it.
+    fn rules(&self, rules: Vec<(StorePath, ThunkKey)>);
 }
 
 /// What a thunk that ran left, as recorded.
@@ -492,6 +540,301 @@ struct Shared {
     touched: HashSet<StorePath>,
     /// The thunks that ran in this build, by their key without parent.
     ran_shapes: HashMap<ThunkId, (TraceId, Arc<Trace>)>,
+
+    // Files made on demand.
+    /// What the last build produced.
+    products: Arc<Products>,
+    /// The key and traces of each thunk of the last build, loaded with the products, until
+    /// the thunk is resolved, and whether they are all its traces (see [`PRELOAD_INPUTS`]).
+    preloaded: HashMap<ThunkId, (Known, bool)>,
+    /// For each thunk running a make that listed its rules ([`Requests::rules`]): the paths
+    /// they make, to the thunk making each on demand.
+    rules: HashMap<ThunkId, HashMap<StorePath, ThunkId>>,
+    rule_thunks: HashMap<ThunkId, Rule>,
+    /// Thunks being resolved, with their command (for messages).
+    in_flight: HashMap<ThunkId, String>,
+    /// Thunks executing: their ids, and their shapes (a thunk with the same command waits).
+    running: HashSet<ThunkId>,
+    running_shapes: HashMap<ThunkId, ThunkId>,
+    /// Each thunk's parent in this build.
+    parent_of: HashMap<ThunkId, ThunkId>,
+    /// Thunks requested by their parent (the others were resolved on demand only).
+    requested: HashSet<ThunkId>,
+    /// The wait-for graph: who waits for whom, now.
+    waits: HashMap<u64, Wait>,
+    next_wait: u64,
+}
+
+/// What the last build produced: the thunks of its record and the paths each left.
+#[derive(Default)]
+struct Products {
+    /// Each path that one thunk left (or one command, run for several parents).
+    by_path: HashMap<StorePath, ThunkId>,
+    thunks: HashMap<ThunkId, Recorded>,
+}
+
+/// A thunk of the last build.
+struct Recorded {
+    parent: Option<ThunkId>,
+    key: ThunkKey,
+    shape: ThunkId,
+}
+
+/// Where a thunk waits for a path (see [`Shared::producer_for`]).
+struct Maker {
+    /// The thunk that makes the path.
+    producer: ThunkId,
+    /// The thunk to wait for: the producer, or the ancestor of it to resolve first.
+    target: ThunkId,
+    /// The target's key and parent, when it is not part of the build yet.
+    start: Option<(ThunkKey, ThunkId)>,
+}
+
+/// A make rule whose target can be made on demand.
+struct Rule {
+    key: ThunkKey,
+    /// The make that listed it, and is its parent.
+    make: ThunkId,
+}
+
+/// One edge of the wait-for graph.
+struct Wait {
+    from: ThunkId,
+    to: ThunkId,
+    why: Why,
+    /// Set when the wait was given up to break a cycle, with the cycle described.
+    broken: Option<String>,
+}
+
+/// Why one thunk waits for another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Why {
+    /// A requester waits for its child (never given up).
+    Child,
+    /// A thunk waits for what makes `path`: a running thunk's lookup (`lookup`), or a decision
+    /// against a recorded read.
+    Path { path: StorePath, lookup: bool },
+    /// A thunk waits for a running thunk with the same command, to reuse its run.
+    Same,
+}
+
+impl Why {
+    /// A wait that can be given up to break a cycle (a child request cannot).
+    fn breakable(&self) -> bool {
+        *self != Why::Child
+    }
+}
+
+impl Shared {
+    /// A thunk's parent: in this build, else in the last one, else the make whose rule it is.
+    fn parent(&self, id: &ThunkId) -> Option<ThunkId> {
+        if let Some(parent) = self.parent_of.get(id) {
+            return Some(*parent);
+        }
+        if let Some(recorded) = self.products.thunks.get(id) {
+            return recorded.parent;
+        }
+        self.rule_thunks.get(id).map(|rule| rule.make)
+    }
+
+    /// Whether `a` is an ancestor of `b`.
+    fn is_ancestor(&self, a: &ThunkId, b: &ThunkId) -> bool {
+        let mut at = *b;
+        for _ in 0..MAX_DEPTH {
+            match self.parent(&at) {
+                Some(parent) if parent == *a => return true,
+                Some(parent) => at = parent,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    fn key_of(&self, id: &ThunkId) -> Option<&ThunkKey> {
+        self.products
+            .thunks
+            .get(id)
+            .map(|r| &r.key)
+            .or_else(|| self.rule_thunks.get(id).map(|r| &r.key))
+    }
+
+    /// A thunk's command, for messages (a make rule's thunk without cot's directory).
+    fn command(&self, id: &ThunkId) -> String {
+        let key = self
+            .resolved
+            .get(id)
+            .map(|r| &r.key)
+            .or_else(|| self.key_of(id));
+        match key {
+            Some(key) if is_rule_thunk(key) => {
+                let mut key = key.clone();
+                if let Some(program) = key.argv.first_mut() {
+                    if let Some(slash) = program.iter().rposition(|&b| b == b'/') {
+                        program.drain(..=slash);
+                    }
+                }
+                command_of(&key)
+            }
+            Some(key) => command_of(key),
+            None => self
+                .in_flight
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| crate::store::hex(&id[..4])),
+        }
+    }
+
+    /// Whether `thunk` (with `key` and `shape`) never waits for `producer` for `path`: itself,
+    /// an ancestor or a descendant, a thunk with the same command, or (make) a recipe of its
+    /// own target (make looks up the target of the recipe it is about to run).
+    fn never_waits(
+        &self,
+        thunk: &ThunkId,
+        key: &ThunkKey,
+        shape: &ThunkId,
+        producer: &ThunkId,
+        path: &StorePath,
+    ) -> bool {
+        if producer == thunk
+            || self.is_ancestor(producer, thunk)
+            || self.is_ancestor(thunk, producer)
+            || target_path(key).as_ref() == Some(path)
+        {
+            return true;
+        }
+        self.products.thunks.get(producer).is_some_and(|p| {
+            p.shape == *shape
+                || (key.target.is_some() && p.key.target == key.target && p.key.cwd == key.cwd)
+        })
+    }
+
+    /// The rules `thunk` may wait for: those of the make that requested it (a recipe), or,
+    /// under a rule's thunk, those of that rule's make. None for a thunk running a make
+    /// itself: make looks at its targets before it makes them, its recipes read them.
+    fn rules_for(&self, thunk: &ThunkId) -> Option<&HashMap<StorePath, ThunkId>> {
+        if self.rules.contains_key(thunk) {
+            return None;
+        }
+        let mut make = self.parent_of.get(thunk)?;
+        if let Some(rule) = self.rule_thunks.get(make) {
+            make = &rule.make;
+        }
+        self.rules.get(make)
+    }
+
+    /// Who makes `path` for `thunk` in this build: the thunk of the last build that made it;
+    /// else, for a lookup (`rules`) of a path no thunk of this build made yet, the rule of its
+    /// make. (A decision is made against the last build's reads: a path a rule makes was read
+    /// by nothing yet, or the last build knows who makes it.)
+    fn producer_of(&self, thunk: &ThunkId, path: &StorePath, rules: bool) -> Option<ThunkId> {
+        if let Some(producer) = self.products.by_path.get(path) {
+            return Some(*producer);
+        }
+        if !rules || self.keystate.contains_key(path) {
+            return None;
+        }
+        self.rules_for(thunk)?.get(path).copied()
+    }
+
+    /// Where `thunk` waits for `path` (on a lookup, else in its decision): the thunk to wait
+    /// for, and, when it is not part of this build yet, its key and parent to resolve it
+    /// with. That is the path's producer, or the ancestor of it that hangs from a thunk of this
+    /// build (a producer whose parent has not been requested yet is made by resolving that
+    /// parent, as it was made last time).
+    fn producer_for(
+        &self,
+        thunk: &ThunkId,
+        key: &ThunkKey,
+        path: &StorePath,
+        lookup: bool,
+    ) -> Option<Maker> {
+        let producer = self.producer_of(thunk, path, lookup)?;
+        if self.never_waits(thunk, key, &shape_of(key), &producer, path) {
+            return None;
+        }
+        let mut at = producer;
+        for _ in 0..MAX_DEPTH {
+            if self.ordered.contains(&at) {
+                return Some(Maker {
+                    producer,
+                    target: at,
+                    start: None,
+                });
+            }
+            let parent = self.parent(&at)?;
+            let at_key = self.key_of(&at)?;
+            if self.ordered.contains(&parent) {
+                return Some(Maker {
+                    producer,
+                    target: at,
+                    start: Some((at_key.clone(), parent)),
+                });
+            }
+            if parent == *thunk || self.is_ancestor(&parent, thunk) {
+                return None;
+            }
+            at = parent;
+        }
+        None
+    }
+
+    /// Notes that `id` is being resolved, as `asked`.
+    fn claim(&mut self, id: ThunkId, key: &ThunkKey, asked: &Asked) {
+        self.in_flight.insert(id, command_of(key));
+        // Reports list thunks in request order, parents before their children.
+        if self.ordered.insert(id) {
+            self.order.push(id);
+        }
+        if let Some(parent) = asked.parent {
+            self.parent_of.insert(id, parent);
+            if !asked.on_demand {
+                self.requested.insert(id);
+            }
+        }
+    }
+
+    /// The edges of a chain of waits from `from` to `to`, if there is one.
+    fn chain_of_waits(&self, from: ThunkId, to: ThunkId) -> Option<Vec<u64>> {
+        let mut edges: HashMap<ThunkId, Vec<(u64, ThunkId)>> = HashMap::new();
+        for (id, wait) in &self.waits {
+            if wait.broken.is_none() {
+                edges.entry(wait.from).or_default().push((*id, wait.to));
+            }
+        }
+        // Depth first, remembering how each thunk was reached.
+        let mut reached: HashMap<ThunkId, Option<(u64, ThunkId)>> = HashMap::new();
+        reached.insert(from, None);
+        let mut stack = vec![from];
+        while let Some(at) = stack.pop() {
+            if at == to {
+                let mut chain = Vec::new();
+                let mut node = at;
+                while let Some(Some((edge, previous))) = reached.get(&node) {
+                    chain.push(*edge);
+                    node = *previous;
+                }
+                chain.reverse();
+                return Some(chain);
+            }
+            for (edge, next) in edges.get(&at).into_iter().flatten() {
+                if !reached.contains_key(next) {
+                    reached.insert(*next, Some((*edge, at)));
+                    stack.push(*next);
+                }
+            }
+        }
+        None
+    }
+
+    /// A wait, said of its waiter: "needs gen.h, made by `sh gen.sh > gen.h`".
+    fn describe_wait(&self, to: &ThunkId, why: &Why) -> String {
+        let to = self.command(to);
+        match why {
+            Why::Child => format!("waits for its child `{to}`"),
+            Why::Path { path, .. } => format!("needs {}, made by `{to}`", display_path(path)),
+            Why::Same => format!("waits for `{to}` (the same command, for another parent)"),
+        }
+    }
 }
 
 struct Inner<W: World> {
@@ -504,6 +847,38 @@ struct Inner<W: World> {
     /// starts. (A thunk's own failure is its requester's to handle.)
     stopping: AtomicBool,
     interrupted: AtomicBool,
+    /// Notified when a thunk's resolution or run ends, or a wait is given up.
+    settled: Condvar,
+    /// Threads resolving thunks on demand, joined before the build ends.
+    on_demand_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The last pass found thunks made on demand that are not part of the build.
+    outsiders: AtomicBool,
+    /// See [`PRELOAD_INPUTS`].
+    preload_inputs: usize,
+}
+
+/// How a thunk is asked for.
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    /// Its requester (`None`: the root).
+    parent: Option<ThunkId>,
+    /// Its outputs must be on disk now (its requester is running and may read them).
+    materialize: bool,
+    /// See [`Requests::request`].
+    skip_if_new: bool,
+    /// For a thunk that wants what it makes, not by its parent.
+    on_demand: bool,
+}
+
+impl Asked {
+    fn by(parent: ThunkId, materialize: bool, skip_if_new: bool) -> Asked {
+        Asked {
+            parent: Some(parent),
+            materialize,
+            skip_if_new,
+            on_demand: false,
+        }
+    }
 }
 
 /// A build in progress.
@@ -531,8 +906,22 @@ impl<W: World> Build<W> {
                 },
                 stopping: AtomicBool::new(false),
                 interrupted: AtomicBool::new(false),
+                settled: Condvar::new(),
+                on_demand_threads: Mutex::new(Vec::new()),
+                outsiders: AtomicBool::new(false),
+                preload_inputs: PRELOAD_INPUTS,
             }),
         }
+    }
+
+    /// Keeps no more than `inputs` recorded inputs in the traces loaded with the products
+    /// (see [`PRELOAD_INPUTS`]), for the tests.
+    #[cfg(test)]
+    pub fn preload_inputs(mut self, inputs: usize) -> Build<W> {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.preload_inputs = inputs;
+        }
+        self
     }
 
     pub fn world(&self) -> &W {
@@ -550,16 +939,21 @@ impl<W: World> Build<W> {
                 return Ok(outcome);
             }
         }
-        let outcome = inner.resolve(root, key.clone(), None, false);
+        let outcome = inner.resolve_root(root, key.clone(), record.as_ref());
         let first = inner.finish(root, outcome, record)?;
-        if first.removed.is_empty() || first.interrupted || inner.options.mode == Mode::DryRun {
+        let outsiders = inner.outsiders.swap(false, Ordering::Relaxed);
+        if (first.removed.is_empty() && !outsiders)
+            || first.interrupted
+            || inner.options.mode == Mode::DryRun
+        {
             return Ok(first);
         }
         // Deleting the outputs of stale thunks may have changed what a thunk of this build
-        // read (a directory listing, `cc *.o`): decide once more, now that they are gone.
+        // read (a directory listing, `cc *.o`), and so may a thunk made on demand that is not
+        // part of the build after all (what it made was read): decide once more.
         inner.reset();
         let record = inner.world.record(&root)?;
-        let outcome = inner.resolve(root, key, None, false);
+        let outcome = inner.resolve_root(root, key, record.as_ref());
         let mut second = inner.finish(root, outcome, record)?;
         let ran_first: HashMap<ThunkId, Resolved> = first
             .thunks
@@ -588,6 +982,137 @@ impl<W: World> Build<W> {
 }
 
 impl<W: World> Inner<W> {
+    /// Resolves the root with what the last build produced known, and waits for everything
+    /// resolved on demand.
+    fn resolve_root(
+        self: &Arc<Self>,
+        root: ThunkId,
+        key: ThunkKey,
+        record: Option<&BuildRecord>,
+    ) -> ChildOutcome {
+        if let Some(record) = record {
+            self.load_products(record);
+        }
+        let outcome = self.resolve_known(
+            root,
+            key,
+            None,
+            Asked {
+                parent: None,
+                materialize: false,
+                skip_if_new: false,
+                on_demand: false,
+            },
+        );
+        loop {
+            let threads = std::mem::take(&mut *self.on_demand_threads.lock());
+            if threads.is_empty() {
+                break;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
+        outcome
+    }
+
+    /// Loads the last build's thunks (their keys and traces are kept for their resolution,
+    /// within [`PRELOAD_INPUTS`]) and what each produced. A path several thunks wrote is a product only when
+    /// they all ran the same command (one run reused by several parents); a file edited in
+    /// place by successive steps is not waited for.
+    fn load_products(&self, record: &BuildRecord) {
+        let threads = self.options.jobs.clamp(2, 8);
+        let part = record.thunks.len().div_ceil(threads).max(1);
+        let budget = std::sync::atomic::AtomicUsize::new(self.preload_inputs);
+        let budget = &budget;
+        let loaded: Vec<(&BuildThunk, Known, bool)> = std::thread::scope(|scope| {
+            let parts: Vec<_> = record
+                .thunks
+                .chunks(part)
+                .map(|thunks| {
+                    scope.spawn(move || {
+                        thunks
+                            .iter()
+                            .filter_map(|t| {
+                                let (key, mut traces) = self.world.thunk(&t.id).ok()??;
+                                let size: usize = traces.iter().map(|(_, t)| t.inputs.len()).sum();
+                                let kept = budget
+                                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                                        left.checked_sub(size)
+                                    })
+                                    .is_ok();
+                                if !kept {
+                                    traces.retain(|(id, _)| *id == t.trace);
+                                }
+                                Some((t, (key, traces), kept))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|part| part.join().unwrap_or_default())
+                .collect()
+        });
+        let mut products = Products::default();
+        let mut writers: HashMap<&StorePath, Vec<ThunkId>> = HashMap::new();
+        for (thunk, (key, traces), _) in &loaded {
+            if let Some((_, trace)) = traces.iter().find(|(id, _)| *id == thunk.trace) {
+                for output in &trace.outputs {
+                    if output.state != OutputState::Deleted {
+                        writers.entry(&output.path).or_default().push(thunk.id);
+                    }
+                }
+            }
+            products.thunks.insert(
+                thunk.id,
+                Recorded {
+                    parent: thunk.parent,
+                    key: key.clone(),
+                    shape: shape_of(key),
+                },
+            );
+        }
+        for (path, ids) in writers {
+            let shape = |id: &ThunkId| products.thunks.get(id).map(|r| r.shape);
+            if ids.iter().any(|id| shape(id) != shape(&ids[0])) {
+                continue;
+            }
+            // The one requested by a parent rather than made for a make rule.
+            let under_rule = |id: &ThunkId| {
+                let mut at = Some(*id);
+                for _ in 0..MAX_DEPTH {
+                    match at.and_then(|a| products.thunks.get(&a)) {
+                        Some(r) if is_rule_thunk(&r.key) => return true,
+                        Some(r) => at = r.parent,
+                        None => return false,
+                    }
+                }
+                false
+            };
+            let producer = ids.iter().find(|id| !under_rule(id)).unwrap_or(&ids[0]);
+            products.by_path.insert(path.clone(), *producer);
+        }
+        let mut shared = self.shared.lock();
+        shared.products = Arc::new(products);
+        // (A thunk whose last trace is gone from the store is loaded whole when resolved.)
+        shared.preloaded = loaded
+            .into_iter()
+            .filter(|(_, (_, traces), complete)| *complete || !traces.is_empty())
+            .map(|(thunk, known, complete)| (thunk.id, (known, complete)))
+            .collect();
+    }
+
+    /// A thunk's key and traces, and whether those are all its traces (see
+    /// [`Shared::preloaded`]).
+    fn known(&self, id: &ThunkId) -> anyhow::Result<Option<(Known, bool)>> {
+        if let Some(loaded) = self.shared.lock().preloaded.remove(id) {
+            return Ok(Some(loaded));
+        }
+        Ok(self.world.thunk(id)?.map(|known| (known, true)))
+    }
+
     /// Forgets everything decided, for another pass over the build.
     fn reset(&self) {
         *self.shared.lock() = Shared::default();
@@ -673,7 +1198,12 @@ impl<W: World> Inner<W> {
 
     /// Decides a thunk from its traces (most recently used first).
     /// A valid trace is taken out of `traces` (no copy on the path of every reused thunk).
-    fn decide(&self, traces: &mut Vec<(TraceId, Trace)>) -> Decision {
+    fn decide(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: &ThunkKey,
+        traces: &mut Vec<(TraceId, Trace)>,
+    ) -> Decision {
         let mut first_reason = None;
         for (index, (trace_id, trace)) in traces.iter().enumerate() {
             let reason = if trace.exit_code != 0 && !self.shared.lock().fresh.contains(trace_id) {
@@ -682,7 +1212,7 @@ impl<W: World> Inner<W> {
                     trace.exit_code
                 ))
             } else {
-                self.invalid_input(trace)
+                self.invalid_input(id, key, trace)
             };
             match reason {
                 None => {
@@ -699,17 +1229,47 @@ impl<W: World> Inner<W> {
 
     /// The same command (working directory, environment, make target), requested by another
     /// parent, ran earlier in this build and its trace holds: its result is this thunk's too
-    /// (a make that runs a directory's make twice, as automake's and libffi's do).
-    fn same_command_ran(&self, key: &ThunkKey) -> Option<Decision> {
+    /// (a make that runs a directory's make twice, as automake's and libffi's do). When that
+    /// command is running now (made on demand), it is waited for first.
+    fn same_command_ran(self: &Arc<Self>, id: ThunkId, key: &ThunkKey) -> Option<Decision> {
         let shape = shape_of(key);
+        self.wait_for_same_command(id, shape);
         let (trace_id, trace) = self.shared.lock().ran_shapes.get(&shape).cloned()?;
-        self.invalid_input(&trace)
+        self.invalid_input(id, key, &trace)
             .is_none()
             .then_some(Decision::Valid(trace_id, trace))
     }
 
-    /// The first input of `trace` that no longer holds, described.
-    fn invalid_input(&self, trace: &Trace) -> Option<String> {
+    /// Waits while a thunk with this shape runs (unless that would close a cycle of waits).
+    fn wait_for_same_command(&self, id: ThunkId, shape: ThunkId) {
+        let mut shared = self.shared.lock();
+        let Some(&other) = shared.running_shapes.get(&shape) else {
+            return;
+        };
+        if other == id {
+            return;
+        }
+        let Ok(wait) = self.add_wait(&mut shared, id, other, Why::Same) else {
+            return;
+        };
+        while shared.running_shapes.get(&shape) == Some(&other)
+            && shared.waits.get(&wait).is_some_and(|w| w.broken.is_none())
+        {
+            self.settled.wait(&mut shared);
+        }
+        shared.waits.remove(&wait);
+    }
+
+    /// The first input of `trace` that no longer holds, described, for the thunk `id` being
+    /// decided. A path another thunk of the build produces is checked once that thunk is
+    /// done in this build.
+    fn invalid_input(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: &ThunkKey,
+        trace: &Trace,
+    ) -> Option<String> {
+        let products = Arc::clone(&self.shared.lock().products);
         for input in &trace.inputs {
             // A path the thunk itself writes: a lookup of it is no input, and finding it as
             // the thunk left it (its own earlier run in this build, before its requester
@@ -717,6 +1277,11 @@ impl<W: World> Inner<W> {
             let (own, probe) = crate::engine::memo::own_output(input, trace);
             if probe {
                 continue;
+            }
+            // A decision waits for the last build's producers only (not for make's rules).
+            if own.is_none() && products.by_path.contains_key(&input.path) {
+                // Only a lookup waits for a cycle to be broken; a decision goes on.
+                let _ = self.await_path(id, key, &input.path, false, &|| ());
             }
             let known = {
                 let shared = self.shared.lock();
@@ -752,52 +1317,215 @@ impl<W: World> Inner<W> {
         None
     }
 
-    /// Resolves one thunk: reuse, replay or run it. `materialize`: its outputs must be on
-    /// disk now (its requester is running and may read them).
-    fn resolve(
-        self: &Arc<Self>,
-        id: ThunkId,
-        key: ThunkKey,
-        parent: Option<ThunkId>,
-        materialize: bool,
-    ) -> ChildOutcome {
-        self.resolve_known(id, key, None, parent, materialize, false)
+    /// Adds "`from` waits for `to`" to the wait-for graph, unless that closes a cycle. Then
+    /// the cycle is described, and broken: a decision does not wait (it decides from the
+    /// file system); otherwise every lookup waiting on the cycle is refused with the message,
+    /// and so is this wait if it is a lookup too (the thunks looking up fail), while a thunk
+    /// waiting for the same command, or for its child, goes on waiting, now that the cycle is
+    /// broken.
+    fn add_wait(
+        &self,
+        shared: &mut Shared,
+        from: ThunkId,
+        to: ThunkId,
+        why: Why,
+    ) -> Result<u64, String> {
+        if let Some(chain) = shared.chain_of_waits(to, from) {
+            let mut steps = vec![shared.describe_wait(&to, &why)];
+            for edge in &chain {
+                let wait = &shared.waits[edge];
+                steps.push(shared.describe_wait(&wait.to, &wait.why));
+            }
+            let message = format!(
+                "a cycle of waits: `{}` {}, which is where it started",
+                shared.command(&from),
+                steps.join(", which ")
+            );
+            if matches!(why, Why::Path { lookup: false, .. }) {
+                return Err(message);
+            }
+            let mut broken = 0;
+            for edge in &chain {
+                let wait = shared.waits.get_mut(edge).expect("on the chain");
+                let lookup = matches!(wait.why, Why::Path { lookup: true, .. });
+                if lookup || (why == Why::Child && wait.why.breakable()) {
+                    wait.broken = Some(message.clone());
+                    broken += 1;
+                }
+            }
+            self.settled.notify_all();
+            if matches!(why, Why::Path { .. }) || (why == Why::Same && broken == 0) {
+                return Err(message);
+            }
+        }
+        let id = shared.next_wait;
+        shared.next_wait += 1;
+        shared.waits.insert(
+            id,
+            Wait {
+                from,
+                to,
+                why,
+                broken: None,
+            },
+        );
+        Ok(id)
     }
 
-    /// [`Inner::resolve`] for a running requester's request (see [`Requests::request`]).
-    fn resolve_gated(
+    /// Waits until what makes `path` for `waiter` (see [`Shared::producer_for`]) is done in
+    /// this build, resolving it now if nobody asked for it yet: for a running thunk's first
+    /// lookup of `path` (`lookup`), then put on disk as this build left it, or for the decision
+    /// of a thunk against its recorded read of `path`. An error names the cycle that waiting
+    /// would close (a decision then simply does not wait), or, for a lookup, the maker that
+    /// failed in this build. `before_waiting` is called once before it blocks.
+    fn await_path(
         self: &Arc<Self>,
-        id: ThunkId,
-        key: ThunkKey,
-        parent: Option<ThunkId>,
-        materialize: bool,
-        skip_if_new: bool,
-    ) -> ChildOutcome {
-        self.resolve_known(id, key, None, parent, materialize, skip_if_new)
+        waiter: ThunkId,
+        key: &ThunkKey,
+        path: &StorePath,
+        lookup: bool,
+        before_waiting: &dyn Fn(),
+    ) -> Result<(), String> {
+        let mut shared = self.shared.lock();
+        if shared.products.by_path.is_empty() && shared.rules.is_empty() {
+            return Ok(());
+        }
+        let Some(Maker {
+            producer,
+            target,
+            start,
+        }) = shared.producer_for(&waiter, key, path, lookup)
+        else {
+            return Ok(());
+        };
+        let done = shared.resolved.contains_key(&target) && !shared.in_flight.contains_key(&target);
+        if !done {
+            let why = Why::Path {
+                path: path.clone(),
+                lookup,
+            };
+            let wait = self.add_wait(&mut shared, waiter, target, why)?;
+            if let Some((target_key, parent)) = start {
+                if !shared.in_flight.contains_key(&target) {
+                    self.start_on_demand(&mut shared, target, target_key, parent);
+                }
+            }
+            let mut told = false;
+            let broken = loop {
+                if let Some(message) = shared.waits.get(&wait).and_then(|w| w.broken.clone()) {
+                    break Some(message);
+                }
+                if !shared.in_flight.contains_key(&target) {
+                    break None;
+                }
+                if !told {
+                    // Not under the lock (it may wait for a job slot); then look again.
+                    told = true;
+                    parking_lot::MutexGuard::unlocked(&mut shared, before_waiting);
+                    continue;
+                }
+                self.settled.wait(&mut shared);
+            };
+            shared.waits.remove(&wait);
+            if let Some(message) = broken {
+                return Err(message);
+            }
+        }
+        // A maker that failed in this build left nothing to read (the file on disk, if any,
+        // is the last build's).
+        if let Some(failed) = shared.resolved.get(&producer).filter(|r| r.exit_code != 0) {
+            if lookup && !shared.keystate.contains_key(path) {
+                return Err(format!(
+                    "its maker `{}` failed (exit status {})",
+                    shared.command(&failed.id),
+                    failed.exit_code
+                ));
+            }
+        }
+        let state = shared.keystate.get(path).map(|(state, _)| state.clone());
+        drop(shared);
+        if let (true, Mode::Build, Some(state)) = (lookup, self.options.mode, state) {
+            self.put_back(path, &state);
+        }
+        Ok(())
     }
 
-    /// [`Inner::resolve`] with the thunk's traces when they are loaded already.
+    /// Resolves a thunk of the last build nobody requested yet, for a thunk that wants what
+    /// it made, on a thread of its own (its waiters may give up waiting).
+    fn start_on_demand(
+        self: &Arc<Self>,
+        shared: &mut Shared,
+        id: ThunkId,
+        key: ThunkKey,
+        parent: ThunkId,
+    ) {
+        let asked = Asked {
+            parent: Some(parent),
+            materialize: true,
+            skip_if_new: false,
+            on_demand: true,
+        };
+        shared.claim(id, &key, &asked);
+        let me = self.clone();
+        let thread = std::thread::spawn(move || {
+            me.resolve_claimed(id, key, None, asked);
+            me.release(id);
+        });
+        self.on_demand_threads.lock().push(thread);
+    }
+
+    /// Resolves one thunk: reuse, replay or run it.
+    fn resolve(self: &Arc<Self>, id: ThunkId, key: ThunkKey, asked: Asked) -> ChildOutcome {
+        self.resolve_known(id, key, None, asked)
+    }
+
+    /// [`Inner::resolve`] with the thunk's traces when they are loaded already. A thunk being
+    /// resolved already (on demand) is waited for, then decided again (its fresh trace holds).
     fn resolve_known(
         self: &Arc<Self>,
         id: ThunkId,
         key: ThunkKey,
-        traces: Option<Vec<(TraceId, Trace)>>,
-        parent: Option<ThunkId>,
-        materialize: bool,
-        skip_if_new: bool,
+        traces: Option<Loaded>,
+        asked: Asked,
     ) -> ChildOutcome {
-        let started = self.elapsed();
         {
-            // Reports list thunks in request order, parents before their children.
             let mut shared = self.shared.lock();
-            if shared.ordered.insert(id) {
-                shared.order.push(id);
+            while shared.in_flight.contains_key(&id) {
+                self.settled.wait(&mut shared);
             }
+            shared.claim(id, &key, &asked);
         }
-        let mut traces = match traces {
-            Some(traces) => traces,
-            None => match self.world.thunk(&id) {
-                Ok(found) => found.map(|(_, traces)| traces).unwrap_or_default(),
+        let outcome = self.resolve_claimed(id, key, traces, asked);
+        self.release(id);
+        outcome
+    }
+
+    /// The resolution of a thunk is over.
+    fn release(&self, id: ThunkId) {
+        self.shared.lock().in_flight.remove(&id);
+        self.settled.notify_all();
+    }
+
+    /// [`Inner::resolve_known`] of a thunk claimed by this thread.
+    fn resolve_claimed(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: ThunkKey,
+        traces: Option<Loaded>,
+        asked: Asked,
+    ) -> ChildOutcome {
+        let Asked {
+            parent,
+            materialize,
+            skip_if_new,
+            on_demand,
+        } = asked;
+        let started = self.elapsed();
+        let (mut traces, complete) = match traces {
+            Some(loaded) => loaded,
+            None => match self.known(&id) {
+                Ok(Some(((_, traces), complete))) => (traces, complete),
+                Ok(None) => (Vec::new(), true),
                 Err(e) => return self.failed(id, key, parent, started, format!("{e:#}")),
             },
         };
@@ -822,11 +1550,30 @@ impl<W: World> Inner<W> {
             });
             return skipped_outcome(id);
         }
+        if !complete && (forced || skip || self.options.mode == Mode::Touch) {
+            match self.world.thunk(&id) {
+                Ok(found) => traces = found.map(|(_, traces)| traces).unwrap_or_default(),
+                Err(e) => return self.failed(id, key, parent, started, format!("{e:#}")),
+            }
+        }
         let decision = if forced {
             Decision::Run("forced (--rebuild)".into())
         } else {
-            match self.decide(&mut traces) {
-                Decision::Run(reason) => match self.same_command_ran(&key) {
+            let mut decision = self.decide(id, &key, &mut traces);
+            if let (false, Decision::Run(reason)) = (complete, &decision) {
+                // The last build's trace no longer holds: another one may.
+                let reason = reason.clone();
+                match self.world.thunk(&id) {
+                    Ok(found) => traces = found.map(|(_, traces)| traces).unwrap_or_default(),
+                    Err(e) => return self.failed(id, key, parent, started, format!("{e:#}")),
+                }
+                decision = match self.decide(id, &key, &mut traces) {
+                    Decision::Run(_) => Decision::Run(reason),
+                    valid => valid,
+                };
+            }
+            match decision {
+                Decision::Run(reason) => match self.same_command_ran(id, &key) {
                     // Recorded for this thunk too, so that its requester's replay finds it.
                     Some(Decision::Valid(_, trace)) => match self.world.adopt(&key, &trace) {
                         Ok(trace_id) => Decision::Valid(trace_id, trace),
@@ -869,7 +1616,15 @@ impl<W: World> Inner<W> {
                         } else {
                             State::Dirty
                         };
-                        let delivered = materialize || parent.is_none();
+                        // Made on demand, its output reaches its parent when that asks for
+                        // it, if that parent is running; else (and for a make rule's
+                        // thunk, which nobody asks for) it is printed.
+                        let delivered = if on_demand {
+                            !is_rule_thunk(&key)
+                                && parent.is_some_and(|p| self.shared.lock().running.contains(&p))
+                        } else {
+                            materialize || parent.is_none()
+                        };
                         self.execute(id, key, parent, latest, state, reason, started, delivered)
                     }
                 }
@@ -877,7 +1632,7 @@ impl<W: World> Inner<W> {
         }
     }
 
-    /// Loads a recorded child and resolves it.
+    /// Loads a recorded child and resolves it, for its replayed parent.
     fn resolve_id(
         self: &Arc<Self>,
         call: &ChildCall,
@@ -885,20 +1640,26 @@ impl<W: World> Inner<W> {
         materialize: bool,
     ) -> Option<ChildOutcome> {
         let id = call.id;
-        let (key, traces) = match self.world.thunk(&id) {
-            Ok(Some(known)) => known,
+        let (key, traces) = match self.known(&id) {
+            Ok(Some(((key, traces), complete))) => (key, (traces, complete)),
             // Skipped when it was requested (and so never recorded): skipped again.
             Ok(None) if call.skip_if_new => return Some(skipped_outcome(id)),
             _ => return None,
         };
-        Some(self.resolve_known(
+        let wait = {
+            let mut shared = self.shared.lock();
+            self.add_wait(&mut shared, parent, id, Why::Child).ok()
+        };
+        let outcome = self.resolve_known(
             id,
             key,
             Some(traces),
-            Some(parent),
-            materialize,
-            call.skip_if_new,
-        ))
+            Asked::by(parent, materialize, call.skip_if_new),
+        );
+        if let Some(wait) = wait {
+            self.shared.lock().waits.remove(&wait);
+        }
+        Some(outcome)
     }
 
     /// A thunk with a valid trace: its writes enter the keystate, its children are replayed.
@@ -1189,27 +1950,52 @@ impl<W: World> Inner<W> {
             self.slots.release();
             return self.not_run(id, key, parent, started, "not run: the build stops");
         }
-        self.shared.lock().would_run = true;
+        let shape = shape_of(&key);
+        {
+            let mut shared = self.shared.lock();
+            shared.would_run = true;
+            shared.running.insert(id);
+            shared.running_shapes.insert(shape, id);
+        }
         let run_started = self.elapsed();
         self.world.started(&key);
         let requests = Running {
             build: self.clone(),
             id,
+            key: key.clone(),
             // The root's children are named as children of the build, not of its command
             // line: `cot make` and `cot make check` share their recipes' thunks.
             name: if parent.is_none() { BUILD_CHILDREN } else { id },
             occurrences: Mutex::new(HashMap::new()),
             waiting: Mutex::new(0),
+            refused: Mutex::new(Vec::new()),
         };
         let executed = self.world.execute(&id, &key, &requests);
         self.slots.release();
-        let executed = match executed {
+        let refused = std::mem::take(&mut *requests.refused.lock());
+        let not_running = |shared: &mut Shared| {
+            shared.running.remove(&id);
+            if shared.running_shapes.get(&shape) == Some(&id) {
+                shared.running_shapes.remove(&shape);
+            }
+        };
+        let mut executed = match executed {
             Ok(executed) => executed,
             Err(e) => {
+                not_running(&mut self.shared.lock());
+                self.settled.notify_all();
                 self.stopping.store(true, Ordering::Relaxed);
                 return self.failed(id, key, parent, started, format!("{e:#}"));
             }
         };
+        if !refused.is_empty() {
+            // What it could not look up is why it failed.
+            let mut said = refused.join("\n");
+            if let Some(message) = executed.message.take() {
+                said = format!("{message}\n{said}");
+            }
+            executed.message = Some(said);
+        }
         if executed.interrupted {
             self.interrupted.store(true, Ordering::Relaxed);
             self.stopping.store(true, Ordering::Relaxed);
@@ -1221,9 +2007,11 @@ impl<W: World> Inner<W> {
             if trace.exit_code == 0 && !executed.interrupted {
                 shared
                     .ran_shapes
-                    .insert(shape_of(&key), (executed.trace_id, trace.clone()));
+                    .insert(shape, (executed.trace_id, trace.clone()));
             }
+            not_running(&mut shared);
         }
+        self.settled.notify_all();
         // A failure is its requester's to handle (make stops, `if cot run ...` goes on); a
         // replayed requester is run again when a child now fails (see `replay`).
         let failed = trace.exit_code != 0;
@@ -1449,6 +2237,7 @@ impl<W: World> Inner<W> {
         let interrupted = self.interrupted.load(Ordering::Relaxed);
         let mut shared = std::mem::take(&mut *self.shared.lock());
         let dry = self.options.mode == Mode::DryRun;
+        let outsiders = outsiders(&shared, root);
         // Every path some thunk of this build read: an output nobody reads is a product of the
         // build, restored when damaged; the others only when a thunk that runs needs them.
         let mut read: HashSet<&StorePath> = HashSet::new();
@@ -1473,7 +2262,9 @@ impl<W: World> Inner<W> {
         let mut keystate: Vec<(&StorePath, &(OutputState, ThunkId))> = shared
             .keystate
             .iter()
-            .filter(|(path, _)| !shared.unknown.contains_key(*path))
+            .filter(|(path, (_, writer))| {
+                !shared.unknown.contains_key(*path) && !outsiders.contains(writer)
+            })
             .collect();
         keystate.sort_by(|a, b| a.0.cmp(b.0));
         let pairs: Vec<(&StorePath, &OutputState)> = keystate
@@ -1509,12 +2300,49 @@ impl<W: World> Inner<W> {
         // Stale thunks: in the last build, not in this one.
         let mut stale = Vec::new();
         let mut removed = Vec::new();
+        // Made on demand, then not asked for: what they made goes, unless a thunk of the build
+        // wrote it after them.
+        let deleting = !self.options.keep_stale && !dry && !interrupted && !self.stopping();
+        if !outsiders.is_empty() && !dry && !interrupted && !self.stopping() {
+            self.outsiders.store(true, Ordering::Relaxed);
+        }
+        for id in shared.order.iter().filter(|id| outsiders.contains(*id)) {
+            let Some(resolved) = shared.resolved.get_mut(id) else {
+                continue;
+            };
+            resolved.state = State::Stale;
+            resolved.reason = if deleting {
+                "made on demand, then not requested by its parent: outputs deleted".into()
+            } else {
+                "made on demand, then not requested by its parent".into()
+            };
+            let Some(trace) = resolved.trace.clone().filter(|_| deleting) else {
+                continue;
+            };
+            for output in trace.outputs.iter().rev() {
+                let last_writer = shared.keystate.get(&output.path).map(|(_, w)| w);
+                if !last_writer.is_some_and(|w| outsiders.contains(w))
+                    || output.state == OutputState::Deleted
+                    || !self.world.holds(&output.path, &output.state)
+                {
+                    continue;
+                }
+                match self.world.remove(&output.path) {
+                    Ok(()) => removed.push(output.path.clone()),
+                    Err(e) => eprintln!("cot: {e:#}"),
+                }
+            }
+        }
         if let Some(last) = &last {
             for thunk in &last.thunks {
                 if shared.resolved.contains_key(&thunk.id) || interrupted || self.stopping() {
                     continue;
                 }
-                let Ok(Some((key, traces))) = self.world.thunk(&thunk.id) else {
+                let known = match shared.preloaded.remove(&thunk.id) {
+                    Some((known, _)) => Some(known),
+                    None => self.world.thunk(&thunk.id).ok().flatten(),
+                };
+                let Some((key, traces)) = known else {
                     continue;
                 };
                 let trace = traces
@@ -1577,6 +2405,9 @@ impl<W: World> Inner<W> {
                 let Some(trace) = &resolved.trace else {
                     continue;
                 };
+                if outsiders.contains(&resolved.id) && !self.options.keep_stale {
+                    continue;
+                }
                 paths.extend(trace.inputs.iter().map(|i| i.path.clone()));
                 paths.extend(trace.outputs.iter().map(|o| o.path.clone()));
                 record_thunks.push(BuildThunk {
@@ -1648,11 +2479,34 @@ impl<W: World> Inner<W> {
 struct Running<W: World> {
     build: Arc<Inner<W>>,
     id: ThunkId,
+    key: ThunkKey,
     /// The parent name its children get.
     name: ThunkId,
     occurrences: Mutex<HashMap<ThunkKey, u32>>,
-    /// Requests in flight; while there are any, the thunk's job slot is lent out.
+    /// Requests and wants in flight; while there are any, the thunk's job slot is lent out.
     waiting: Mutex<usize>,
+    /// Why wants failed (cycles), for its failure's message.
+    refused: Mutex<Vec<String>>,
+}
+
+impl<W: World> Running<W> {
+    /// The thunk waits: its job slot is lent out meanwhile.
+    fn lend_slot(&self) {
+        let mut waiting = self.waiting.lock();
+        *waiting += 1;
+        if *waiting == 1 {
+            self.build.slots.release();
+        }
+    }
+
+    /// It goes on: its slot is taken back first.
+    fn take_slot(&self) {
+        let mut waiting = self.waiting.lock();
+        if *waiting == 1 {
+            self.build.slots.acquire();
+        }
+        *waiting -= 1;
+    }
 }
 
 impl<W: World> Requests for Running<W> {
@@ -1666,26 +2520,130 @@ impl<W: World> Requests for Running<W> {
         };
         key.parent = Some((self.name, occurrence));
         let id = thunk_id(&key);
-        {
-            let mut waiting = self.waiting.lock();
-            *waiting += 1;
-            if *waiting == 1 {
-                self.build.slots.release();
-            }
+        self.lend_slot();
+        let build = &self.build;
+        let wait = {
+            let mut shared = build.shared.lock();
+            build.add_wait(&mut shared, self.id, id, Why::Child).ok()
+        };
+        let outcome = build.resolve(id, key, Asked::by(self.id, true, skip_if_new));
+        if let Some(wait) = wait {
+            build.shared.lock().waits.remove(&wait);
         }
-        let outcome = self
-            .build
-            .resolve_gated(id, key, Some(self.id), true, skip_if_new);
-        {
-            let mut waiting = self.waiting.lock();
-            if *waiting == 1 {
-                // Take the slot back before the thunk continues.
-                self.build.slots.acquire();
-            }
-            *waiting -= 1;
-        }
+        self.take_slot();
         outcome
     }
+
+    fn wanted(&self) -> Vec<StorePath> {
+        let shared = self.build.shared.lock();
+        let shape = shape_of(&self.key);
+        let rules = shared.rules_for(&self.id);
+        let paths = shared
+            .products
+            .by_path
+            .keys()
+            .chain(rules.into_iter().flat_map(HashMap::keys));
+        paths
+            .filter(|path| {
+                shared
+                    .producer_of(&self.id, path, true)
+                    .is_some_and(|producer| {
+                        !shared.never_waits(&self.id, &self.key, &shape, &producer, path)
+                    })
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn want(&self, path: &StorePath) -> Result<(), String> {
+        // The slot is lent only if the lookup waits.
+        let lent = std::cell::Cell::new(false);
+        let lend = || {
+            if !lent.replace(true) {
+                self.lend_slot();
+            }
+        };
+        let result = self.build.await_path(self.id, &self.key, path, true, &lend);
+        if lent.get() {
+            self.take_slot();
+        }
+        if let Err(message) = &result {
+            self.refused
+                .lock()
+                .push(format!("cannot wait for {}: {message}", display_path(path)));
+        }
+        result
+    }
+
+    fn rules(&self, rules: Vec<(StorePath, ThunkKey)>) {
+        let mut shared = self.build.shared.lock();
+        shared.rules.entry(self.id).or_default();
+        // A make run on demand lists the rules of the make it stands for again.
+        let mut at = Some(self.id);
+        for _ in 0..MAX_DEPTH {
+            let Some(id) = at else { break };
+            if shared.rule_thunks.contains_key(&id) {
+                return;
+            }
+            at = shared.parent(&id);
+        }
+        for (path, mut key) in rules {
+            key.parent = Some((self.name, ON_DEMAND));
+            let id = thunk_id(&key);
+            shared
+                .rules
+                .entry(self.id)
+                .or_default()
+                .entry(path)
+                .or_insert(id);
+            shared.rule_thunks.insert(id, Rule { key, make: self.id });
+        }
+    }
+}
+
+/// The thunks resolved in this build that are not part of it: made on demand, then not
+/// requested by their parent (a make rule's thunk is its make's; a parent that failed keeps
+/// them), and everything below one.
+fn outsiders(shared: &Shared, root: ThunkId) -> HashSet<ThunkId> {
+    let mut member: HashMap<ThunkId, bool> = HashMap::from([(root, true)]);
+    for id in shared.resolved.keys() {
+        let mut chain = Vec::new();
+        let mut at = *id;
+        let verdict = loop {
+            if let Some(verdict) = member.get(&at) {
+                break *verdict;
+            }
+            if chain.len() > MAX_DEPTH {
+                break true;
+            }
+            chain.push(at);
+            let parent = shared.parent_of.get(&at);
+            // (A parent that failed might have asked for it had it gone on.)
+            let asked = shared.requested.contains(&at)
+                || shared
+                    .resolved
+                    .get(&at)
+                    .is_some_and(|r| is_rule_thunk(&r.key))
+                || parent
+                    .and_then(|p| shared.resolved.get(p))
+                    .is_some_and(|p| p.exit_code != 0);
+            if !asked {
+                break false;
+            }
+            match parent {
+                Some(parent) => at = *parent,
+                None => break true,
+            }
+        };
+        for id in chain {
+            member.insert(id, verdict);
+        }
+    }
+    member
+        .into_iter()
+        .filter(|(_, verdict)| !verdict)
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// What a requester gets from a thunk that ran or was reused, from its trace.
@@ -1703,6 +2661,26 @@ fn recorded_outcome(
         writes,
         message,
     }
+}
+
+/// The path a make recipe makes (its target, relative to its working directory).
+fn target_path(key: &ThunkKey) -> Option<StorePath> {
+    let target = key.target.as_ref()?;
+    if target.starts_with(b"/") {
+        return None;
+    }
+    let join = |dir: &[u8]| {
+        let mut path = dir.to_vec();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(target);
+        path
+    };
+    Some(match &key.cwd {
+        StorePath::Project(dir) => StorePath::Project(join(dir)),
+        StorePath::Absolute(dir) => StorePath::Absolute(join(dir)),
+    })
 }
 
 /// A thunk's command, working directory, environment and options, whoever requested it.

@@ -34,6 +34,10 @@
 //! - Phase 1 builds: `make -B -jN -o F... ARGS SHELL=... .SHELLFLAGS=... MAKE=...`, with one
 //!   `-o F` per makefile F that phase 0 recorded, so that `-B` does not remake them.
 //!
+//! Between the two, inside a build, the driver lists make's rules to the build ([`list_rules`]):
+//! a recipe that looks up a file another rule makes, before make has run that rule (a missing
+//! prerequisite under `-j`), gets it made on demand by this same driver with that target.
+//!
 //! `-jN` comes from the `jobs` argument unless the caller's arguments have a `-j`. The
 //! driver's overrides come last so that they win over the caller's.
 //!
@@ -54,6 +58,9 @@ const MAKE: &str = "make";
 
 /// The goal of phase 0. A name starting with `.` is never make's default goal.
 const RECORD_GOAL: &str = ".cot-makefiles";
+
+/// The goal of the run that prints make's data base for [`list_rules`].
+const RULES_GOAL: &str = ".cot-rules";
 
 /// The variables through which make reads its flags from the environment.
 const FLAG_VARIABLES: [&str; 2] = ["MAKEFLAGS", "GNUMAKEFLAGS"];
@@ -540,8 +547,8 @@ fn scratch_dir() -> io::Result<tempfile::TempDir> {
 }
 
 /// `-f -` (the makefile on standard input) can be read only once: the driver reads it into
-/// `dir` and both phases read that file.
-fn makefile_from_stdin(parsed: &mut [Parsed], dir: &Path) -> io::Result<()> {
+/// `dir` and both phases read that file. Returns whether it did.
+fn makefile_from_stdin(parsed: &mut [Parsed], dir: &Path) -> io::Result<bool> {
     let reads_stdin = |kind: &Kind| {
         matches!(kind, Kind::Options(options)
         if options.iter().any(|(opt, value)| {
@@ -549,7 +556,7 @@ fn makefile_from_stdin(parsed: &mut [Parsed], dir: &Path) -> io::Result<()> {
         }))
     };
     if !parsed.iter().any(|p| reads_stdin(&p.kind)) {
-        return Ok(());
+        return Ok(false);
     }
     let copy = dir.join("stdin.mk");
     let mut file = std::fs::File::create(&copy)
@@ -570,7 +577,7 @@ fn makefile_from_stdin(parsed: &mut [Parsed], dir: &Path) -> io::Result<()> {
             p.words = unparse(options);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Options written back as separate words (`-k`, `-j4`, `-C`, `dir`).
@@ -643,6 +650,145 @@ fn recorded_makefiles(record: &Path) -> io::Result<Vec<OsString>> {
         .collect())
 }
 
+/// The file targets of explicit rules with a recipe in make's data base (`make -p`): in its
+/// "Files" section, the entries that are targets, not phony, and have a recipe. Special and
+/// suffix targets (a name starting with `.`) are left out, and so are files that only a
+/// pattern rule makes (their entries have no recipe until make looked for one).
+pub fn rule_targets(data_base: &[u8]) -> Vec<Vec<u8>> {
+    let mut targets = Vec::new();
+    let Some(start) = data_base
+        .split(|&b| b == b'\n')
+        .position(|line| line == b"# Files")
+    else {
+        return targets;
+    };
+    let section = data_base
+        .split(|&b| b == b'\n')
+        .skip(start + 1)
+        .take_while(|line| !line.starts_with(b"# files hash-table stats"));
+    // One entry: its name (None: not a target), and what its comment lines say.
+    let mut name: Option<Vec<u8>> = None;
+    let mut not_a_target = false;
+    let (mut phony, mut recipe) = (false, false);
+    let mut finish = |name: &mut Option<Vec<u8>>, phony: bool, recipe: bool| {
+        if let Some(name) = name.take() {
+            if recipe && !phony && !name.starts_with(b".") && !name.contains(&b'%') {
+                targets.push(name);
+            }
+        }
+    };
+    for line in section {
+        if line.is_empty() {
+            finish(&mut name, phony, recipe);
+            (not_a_target, phony, recipe) = (false, false, false);
+        } else if line == b"# Not a target:" {
+            not_a_target = true;
+        } else if line.starts_with(b"#  Phony target") {
+            phony = true;
+        } else if line.starts_with(b"#  recipe to execute") {
+            recipe = true;
+        } else if line.starts_with(b"#") || line.starts_with(b"\t") {
+        } else if name.is_none() && !not_a_target {
+            // `TARGET: PREREQUISITES` (or `::`), the name as is: its end is the first colon
+            // followed by a blank, a colon or nothing (a name may hold a colon, `a\:b` in
+            // the makefile).
+            let end = (0..line.len()).find(|&at| {
+                line[at] == b':' && matches!(line.get(at + 1), None | Some(b' ' | b'\t' | b':'))
+            });
+            if let Some(end) = end.filter(|&end| end > 0) {
+                name = Some(line[..end].to_vec());
+            }
+        }
+    }
+    finish(&mut name, phony, recipe);
+    targets
+}
+
+/// Tells the build that this thunk runs a make, and `targets`: the rules for which this
+/// driver, with the caller's arguments (not their goals) and the target added, makes the file
+/// on demand (see [`crate::build::engine::Requests::rules`]).
+fn tell_rules(
+    parsed: &[Parsed],
+    cot_exe: &Path,
+    targets: Vec<(OsString, PathBuf)>,
+) -> io::Result<()> {
+    let mut argv: Vec<OsString> = vec![cot_exe.into(), "__make".into()];
+    argv.extend(
+        parsed
+            .iter()
+            .filter(|p| p.kind != Kind::Goal)
+            .flat_map(|p| p.words.iter().cloned()),
+    );
+    let cwd = std::env::current_dir()?;
+    super::client::rules(argv, super::client::request_env(), cwd, targets)
+        .map_err(|e| io::Error::other(format!("{e:#}")))
+}
+
+/// Inside a build, after phase 0: lists make's rules for the files missing now to the build
+/// ([`tell_rules`]), so that each can be made on demand for a recipe of this make. (A file
+/// that exists is read as it is until a build records who makes it: asking make for it would
+/// run a make for every file a recipe reads that has a rule, catch-all rules included, when
+/// make would leave nearly all of them alone.) make prints its data base (`-p`) and runs
+/// nothing: `-q`, a goal of ours with an empty recipe, the makefiles marked old, and
+/// `$(shell ...)` run by `/bin/sh` rather than requested as thunks. What make says on its
+/// standard error (warnings printed by phase 1 anyway) is dropped.
+fn list_rules(parsed: &[Parsed], makefiles: &[OsString], cot_exe: &Path) -> io::Result<()> {
+    let mut args: Vec<OsString> = vec!["-p".into(), "-q".into()];
+    for makefile in makefiles {
+        args.push("-o".into());
+        args.push(makefile.clone());
+    }
+    args.push(format!("--eval=.PHONY: {RULES_GOAL}").into());
+    args.push(format!("--eval={RULES_GOAL}: ; @:").into());
+    args.extend(phase0_arguments(parsed));
+    args.push(format!("SHELL={RECIPE_SHELL}").into());
+    args.push(".SHELLFLAGS=-c".into());
+    args.push(RULES_GOAL.into());
+    let mut command = Command::new(MAKE);
+    command.args(&args);
+    for name in FLAG_VARIABLES {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, sanitize_makeflags(&value));
+        }
+    }
+    command.env_remove("MAKE_RESTARTS");
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run {MAKE}: {e}")))?;
+    // make's own directory: the working directory, changed by each `-C`.
+    let mut dir = std::env::current_dir()?;
+    for p in parsed {
+        if let Kind::Options(options) = &p.kind {
+            for (opt, value) in options {
+                if let (Opt::Short(b'C'), Some(value)) = (opt, value) {
+                    dir = dir.join(value);
+                }
+            }
+        }
+    }
+    let makefiles: HashSet<&[u8]> = makefiles.iter().map(|m| m.as_bytes()).collect();
+    let targets: Vec<(OsString, PathBuf)> = rule_targets(&output.stdout)
+        .into_iter()
+        .filter(|name| !makefiles.contains(name.as_slice()))
+        .map(|name| {
+            let name = OsString::from_vec(name);
+            let path: PathBuf = dir
+                .join(&name)
+                .components()
+                .filter(|c| *c != std::path::Component::CurDir)
+                .collect();
+            (name, path)
+        })
+        .filter(|(_, path)| std::fs::symlink_metadata(path).is_err())
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    tell_rules(parsed, cot_exe, targets)
+}
+
 /// Runs make for `cot make` (and for `$(MAKE)` inside a build): phase 0 then phase 1 as above.
 ///
 /// Returns make's exit status: phase 1's, or phase 0's when that failed (then phase 1 does not
@@ -669,7 +815,15 @@ pub fn drive(args: &[OsString], cot_exe: &Path, jobs: usize) -> io::Result<i32> 
         return run_make(&once);
     }
     let scratch = scratch_dir()?;
-    makefile_from_stdin(&mut parsed, scratch.path())?;
+    let reads_stdin = makefile_from_stdin(&mut parsed, scratch.path())?;
+    // The thunk runs a make: it never waits for a rule (make looks at its targets, missing
+    // ones too, before it makes them).
+    let listing = super::client::inside_build() && !reads_stdin;
+    if listing {
+        if let Err(e) = tell_rules(&parsed, cot_exe, Vec::new()) {
+            eprintln!("cot: cannot tell the build that make runs: {e}");
+        }
+    }
     let jobs_flag = (!has_option(&parsed, |opt| *opt == Opt::Short(b'j')))
         .then(|| OsString::from(format!("-j{}", jobs.max(1))));
 
@@ -689,9 +843,16 @@ pub fn drive(args: &[OsString], cot_exe: &Path, jobs: usize) -> io::Result<i32> 
         return Ok(status);
     }
 
+    let makefiles = recorded_makefiles(&record)?;
+    // (A makefile read from standard input lives in the scratch directory, gone afterwards.)
+    if listing {
+        if let Err(e) = list_rules(&parsed, &makefiles, cot_exe) {
+            eprintln!("cot: cannot list make's rules, no file is made on demand: {e}");
+        }
+    }
     let mut phase1: Vec<OsString> = vec!["-B".into()];
     phase1.extend(jobs_flag);
-    for makefile in recorded_makefiles(&record)? {
+    for makefile in makefiles {
         phase1.push("-o".into());
         phase1.push(makefile);
     }
@@ -1257,6 +1418,40 @@ exit 99
         );
         assert_eq!(cot_project.drive_output(&[]), plain);
         assert_eq!(cot_project.take_log(), ["Makefile", "all"]);
+    }
+
+    /// The file targets with a recipe, from make's own data base: not phony ones, special
+    /// targets, files only mentioned, or targets without a recipe.
+    #[test]
+    fn rule_targets_are_the_files_explicit_rules_make() {
+        let project = Project::new(&[(
+            "Makefile",
+            "all: prog gen.h\n\
+             prog: main.o\n\tcc -o prog main.o\n\
+             gen.h: gen.sh\n\tsh gen.sh > gen.h\n\
+             sub/x\\:y.txt:\n\ttouch 'sub/x:y.txt'\n\
+             %.o: %.c\n\tcc -c $<\n\
+             nothing: gen.h\n\
+             .PHONY: clean\nclean:\n\trm -f prog\n",
+        )]);
+        let output = Command::new(MAKE)
+            .args([
+                "-p",
+                "-q",
+                "--eval=.PHONY: .cot-rules",
+                "--eval=.cot-rules: ; @:",
+            ])
+            .arg(".cot-rules")
+            .current_dir(project.dir.path())
+            .env_remove("MAKEFLAGS")
+            .output()
+            .expect("run make");
+        let mut targets: Vec<String> = rule_targets(&output.stdout)
+            .into_iter()
+            .map(|t| String::from_utf8(t).expect("UTF-8"))
+            .collect();
+        targets.sort();
+        assert_eq!(targets, ["gen.h", "prog", "sub/x:y.txt"]);
     }
 
     #[test]

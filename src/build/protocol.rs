@@ -36,6 +36,19 @@ pub struct Job {
     /// Copy the command's output to the worker's stdout and stderr as it comes (the root);
     /// else it is only kept, and the coordinator delivers it.
     pub show_output: bool,
+    /// The paths (as the thunk sees them, by [`path_hash`]) that other thunks of the build
+    /// produce: the first lookup of one waits for its producer ([`FromWorker::Want`]).
+    pub wanted: Vec<u64>,
+}
+
+/// How a [`Job`] names a wanted path: a hash of the view path, so that the list stays small;
+/// a collision only asks the coordinator about a path nobody produces.
+pub fn path_hash(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let hash = blake3::hash(path.as_os_str().as_bytes());
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(bytes)
 }
 
 /// From a worker to the coordinator.
@@ -54,6 +67,18 @@ pub enum FromWorker {
         /// now either (see `Requests::request`).
         skip_if_new: bool,
     },
+    /// The thunk looks up a path another thunk of the build produces: answered with
+    /// [`ToWorker::Wanted`] once that thunk is done in this build.
+    Want { request: u64, path: PathBuf },
+    /// `cot make`: make's rules, listed after its makefiles are up to date; each target can
+    /// be made on demand by make itself (`argv` with the target added, in `cwd`).
+    Rules {
+        argv: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        cwd: PathBuf,
+        /// The target names as make knows them, and their absolute paths.
+        targets: Vec<(OsString, PathBuf)>,
+    },
     /// The thunk ended and its trace is recorded (`None`: interrupted, nothing recorded).
     Finished {
         recorded: Option<(TraceId, Box<Trace>)>,
@@ -65,7 +90,18 @@ pub enum FromWorker {
     Failed { message: String },
 }
 
-/// From the coordinator to a worker: a child's result.
+/// From the coordinator to a worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToWorker {
+    Child(ChildDone),
+    /// The producer of a wanted path is done; `error`: the lookup fails (a cycle, named).
+    Wanted {
+        request: u64,
+        error: Option<String>,
+    },
+}
+
+/// A child's result.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ChildDone {
     pub request: u64,
@@ -102,6 +138,13 @@ pub enum FromClient {
     },
     /// `cot wait`: every background child started so far.
     Wait,
+    /// `cot make`: make's rules (see [`FromWorker::Rules`]); answered with `Started`.
+    Rules {
+        argv: Vec<OsString>,
+        env: Vec<(OsString, OsString)>,
+        cwd: PathBuf,
+        targets: Vec<(OsString, PathBuf)>,
+    },
 }
 
 /// From a worker to a client.

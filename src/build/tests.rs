@@ -5,7 +5,9 @@
 //!
 //! A script is one step a line: `read P`, `write P = A + B + 3` (the sum of the numbers in
 //! files A, B and the constant; reading A and B), `run NAME` (request a child and wait for
-//! it), `bg NAME` (request without waiting), `wait` (wait for the background children).
+//! it), `bg NAME` (request without waiting), `wait` (wait for the background children),
+//! `rule P NAME` (make's rule: P is made on demand by the thunk NAME). A read of a path the
+//! build produces waits first, as a lookup in the sandbox does.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -185,6 +187,21 @@ impl World for Arc<Fake> {
         read(&script_file, &mut inputs, &mut seen, &written);
         let script = self.get(&script_file).unwrap_or_default();
         let mut exit_code = 0;
+        // The first lookup of a path another thunk produces waits for it (as the worker's
+        // lookup gate does); refused, the read fails and so does the thunk.
+        let wanted: HashSet<StorePath> = requests.wanted().into_iter().collect();
+        let mut asked: HashSet<String> = HashSet::new();
+        let mut refused = None;
+        let mut lookup = |p: &str| {
+            let store = path(p);
+            if wanted.contains(&store) && asked.insert(p.to_string()) {
+                if let Err(message) = requests.want(&store) {
+                    refused = Some(message);
+                    return false;
+                }
+            }
+            true
+        };
         std::thread::scope(|scope| {
             let mut background = Vec::new();
             for line in script.lines() {
@@ -194,21 +211,37 @@ impl World for Arc<Fake> {
                     _ => line.split_whitespace().collect(),
                 };
                 match words.as_slice() {
-                    ["read", p] => read(p, &mut inputs, &mut seen, &written),
+                    ["read", p] => {
+                        if !lookup(p) {
+                            exit_code = 1;
+                            break;
+                        }
+                        read(p, &mut inputs, &mut seen, &written)
+                    }
                     ["write", p, "=", rest @ ..] => {
                         let mut sum = 0;
+                        let mut failed = false;
                         for term in rest.iter().filter(|t| **t != "+") {
                             match term.parse::<i64>() {
                                 Ok(n) => sum += n,
                                 Err(_) => {
+                                    if !written.iter().any(|w| w == term) && !lookup(term) {
+                                        failed = true;
+                                        break;
+                                    }
                                     read(term, &mut inputs, &mut seen, &written);
                                     sum += self.value(term);
                                 }
                             }
                         }
+                        if failed {
+                            exit_code = 1;
+                            break;
+                        }
                         self.set(p, &sum.to_string());
                         written.push(p.to_string());
                     }
+                    ["rule", p, thunk] => requests.rules(vec![(path(p), key_for(thunk))]),
                     ["echo", text] => stdout.push_str(text),
                     ["fail"] => exit_code = 1,
                     ["run", child] => {
@@ -247,6 +280,9 @@ impl World for Arc<Fake> {
                 calls.end(index, &outcome);
             }
         });
+        if refused.is_some() {
+            exit_code = 1;
+        }
         let (children, events, child_writes) = calls.finish();
         let (inputs, internal) = split_internal(inputs, &child_writes);
         // A failed thunk's writes are discarded, as the sandbox does.
@@ -370,6 +406,8 @@ struct Report {
     ran: Vec<String>,
     states: BTreeMap<String, State>,
     reasons: BTreeMap<String, String>,
+    /// What cot said of each failed thunk, by command (several for a command run twice).
+    messages: BTreeMap<String, Vec<String>>,
     damaged: Vec<String>,
     restored: Vec<String>,
     removed: Vec<String>,
@@ -378,14 +416,27 @@ struct Report {
 }
 
 fn build_with(fake: &Arc<Fake>, root: &str, options: Options) -> Report {
+    build_preloading(fake, root, options, usize::MAX)
+}
+
+/// [`build_with`], the traces loaded with the last build's products holding at most
+/// `preload` inputs.
+fn build_preloading(fake: &Arc<Fake>, root: &str, options: Options, preload: usize) -> Report {
     fake.ran.lock().clear();
-    let build = Build::new(fake.clone(), options);
+    let build = Build::new(fake.clone(), options).preload_inputs(preload);
     let outcome = build.run(key(root)).expect("the build runs");
     let mut states = BTreeMap::new();
     let mut reasons = BTreeMap::new();
+    let mut messages = BTreeMap::new();
     for thunk in &outcome.thunks {
         states.insert(command_of(&thunk.key), thunk.state);
         reasons.insert(command_of(&thunk.key), thunk.reason.clone());
+        if let Some(message) = &thunk.message {
+            messages
+                .entry(command_of(&thunk.key))
+                .or_insert_with(Vec::new)
+                .push(message.clone());
+        }
     }
     let names = |paths: &[StorePath]| -> Vec<String> {
         let mut v: Vec<String> = paths.iter().map(Fake::name).collect();
@@ -396,6 +447,7 @@ fn build_with(fake: &Arc<Fake>, root: &str, options: Options) -> Report {
         ran: fake.ran.lock().clone(),
         states,
         reasons,
+        messages,
         damaged: names(&outcome.damaged),
         restored: names(&outcome.restored),
         removed: names(&outcome.removed),
@@ -1015,4 +1067,249 @@ fn the_same_command_under_two_parents_runs_once() {
     let report = build(&fake, "root");
     assert_eq!(report.ran, set_of(&["gen"]));
     assert_eq!(fake.value("gen.h"), 2);
+}
+
+// Files made on demand. The script below has a missing ordering: the compile reads gen.h, which
+// the build makes after it. A correct script makes gen.h first.
+const MISORDERED: &[(&str, &str)] = &[
+    ("root", "run cc\nrun gen"),
+    ("cc", "write main.o = gen.h + main.c"),
+    ("gen", "write gen.h = gen.sh + 0"),
+];
+const ORDERED: &[(&str, &str)] = &[
+    ("root", "run gen\nrun cc"),
+    ("cc", "write main.o = gen.h + main.c"),
+    ("gen", "write gen.h = gen.sh + 0"),
+];
+
+fn assert_as_ordered(fake: &Arc<Fake>, what: &str) {
+    let clean = clean_build_files(ORDERED, fake, "root", &["gen.sh", "main.c"]);
+    for p in ["gen.h", "main.o"] {
+        assert_eq!(fake.get(p), clean.get(p).cloned(), "{p} after {what}");
+    }
+}
+
+#[test]
+fn a_missing_ordering_reads_what_this_build_makes_not_what_the_last_one_left() {
+    let fake = project(MISORDERED, &[("gen.sh", "1"), ("main.c", "10")]);
+    // The first build knows nothing of gen.h (without make's rules): the compile reads none.
+    build(&fake, "root");
+    assert_eq!(fake.value("main.o"), 10);
+    for generator in ["2", "3", "4"] {
+        // The compile is decided against gen.h as this build makes it: the generator runs
+        // first (on demand), then the compile, each once; the root's own request reuses it.
+        fake.set("gen.sh", generator);
+        let report = build(&fake, "root");
+        assert_eq!(report.ran, vec!["gen".to_string(), "cc".to_string()]);
+        assert_eq!(report.states["gen"], State::Dirty);
+        assert_as_ordered(&fake, &format!("gen.sh = {generator}"));
+    }
+    fake.set("main.c", "20");
+    let report = build(&fake, "root");
+    assert_eq!(report.ran, vec!["cc".to_string()]);
+    assert_as_ordered(&fake, "main.c = 20");
+    assert!(build(&fake, "root").ran.is_empty());
+}
+
+#[test]
+fn a_running_thunk_waits_for_a_file_the_build_makes() {
+    let fake = project(
+        &[
+            ("root", "run cc\nrun gen"),
+            ("cc", "write main.o = main.c + 0"),
+            ("gen", "write gen.h = gen.sh + 0"),
+        ],
+        &[("gen.sh", "1"), ("main.c", "10")],
+    );
+    build(&fake, "root");
+    // The compile now reads gen.h, which it never read: its lookup waits for the generator.
+    fake.set(&script_path("cc"), "write main.o = gen.h + main.c");
+    fake.set("gen.sh", "5");
+    let report = build(&fake, "root");
+    assert_eq!(sorted(&report.ran), set_of(&["cc", "gen"]));
+    assert_eq!(fake.value("main.o"), 15);
+    assert_eq!(report.states["gen"], State::Dirty);
+    assert!(build(&fake, "root").ran.is_empty());
+}
+
+#[test]
+fn a_first_build_makes_a_file_by_its_rule_on_demand() {
+    let scripts: &[(&str, &str)] = &[
+        ("root", "rule gen.h make-gen\nrun cc\nrun gen"),
+        ("make-gen", "run gen"),
+        ("cc", "write main.o = gen.h + main.c"),
+        ("gen", "write gen.h = gen.sh + 0"),
+    ];
+    let fake = project(scripts, &[("gen.sh", "1"), ("main.c", "10")]);
+    let report = build(&fake, "root");
+    // The rule's thunk makes gen.h for the compile; the root's own request of the generator
+    // reuses that run.
+    assert_eq!(
+        report.ran,
+        vec!["root", "cc", "make-gen", "gen"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    );
+    assert_as_ordered(&fake, "the first build");
+    for generator in ["2", "3"] {
+        fake.set("gen.sh", generator);
+        let report = build(&fake, "root");
+        assert_eq!(report.ran, vec!["gen".to_string(), "cc".to_string()]);
+        assert_as_ordered(&fake, &format!("gen.sh = {generator}"));
+    }
+}
+
+#[test]
+fn a_cycle_of_waits_fails_with_a_message_naming_it() {
+    let fake = project(
+        &[
+            ("root", "rule a.out make-a\nrule b.out make-b\nrun a\nrun b"),
+            ("make-a", "run a"),
+            ("make-b", "run b"),
+            ("a", "write a.out = b.out + 1"),
+            ("b", "write b.out = a.out + 1"),
+        ],
+        &[],
+    );
+    let report = build(&fake, "root");
+    // Both lookups on the cycle are refused: a fails, the root stops there. (The rule's own
+    // run of a, waiting for the root's, goes on once the cycle is broken.)
+    assert_eq!(report.exit_code, 1);
+    assert_eq!(report.states["root"], State::Failed);
+    for name in ["a", "b"] {
+        let said = &report.messages[name];
+        assert!(
+            said.iter()
+                .any(|message| message.contains("a cycle of waits")
+                    && message.contains("a.out")
+                    && message.contains("b.out")),
+            "{name}: {said:?}"
+        );
+    }
+}
+
+#[test]
+fn a_thunk_made_on_demand_that_its_parent_no_longer_requests_is_stale() {
+    let fake = project(MISORDERED, &[("gen.sh", "1"), ("main.c", "10")]);
+    build(&fake, "root");
+    fake.set("main.c", "2");
+    build(&fake, "root");
+    assert_eq!(fake.value("main.o"), 3);
+    // The generator's step is gone: the compile still finds gen.h made by it in this build,
+    // but the generator is no longer part of the build; its gen.h is deleted, and the compile,
+    // decided again, makes what a clean build of the new script makes.
+    fake.set(&script_path("root"), "run cc");
+    fake.set("main.c", "20");
+    let report = build(&fake, "root");
+    assert_eq!(report.states["gen"], State::Stale);
+    assert_eq!(report.removed, set_of(&["gen.h"]));
+    assert_eq!(fake.get("gen.h"), None);
+    assert_eq!(fake.value("main.o"), 20);
+    assert!(build(&fake, "root").ran.is_empty());
+}
+
+#[test]
+fn a_maker_its_parent_no_longer_asks_for_is_not_what_the_build_reads() {
+    let scripts: &[(&str, &str)] = &[
+        ("root", "rule gen.h make-gen\nrun cc\nrun gen"),
+        ("make-gen", "run gen"),
+        ("cc", "write main.o = gen.h + main.c"),
+        ("gen", "write gen.h = gen.sh + 0"),
+        ("gen2", "write gen.h = gen.sh + 100"),
+    ];
+    let fake = project(scripts, &[("gen.sh", "1"), ("main.c", "10")]);
+    build(&fake, "root");
+    assert_eq!(fake.value("main.o"), 11);
+    // The makefile now makes gen.h another way. The compile is decided against gen.h as the
+    // last build's recipe makes it, but that recipe is not asked for any more: it is not part
+    // of the build, and the compile, decided again, reads what the new recipe made.
+    fake.set(
+        &script_path("root"),
+        "rule gen.h make-gen\nrun cc\nrun gen2",
+    );
+    fake.set(&script_path("make-gen"), "run gen2");
+    let report = build(&fake, "root");
+    assert_eq!(fake.value("main.o"), 111, "{:?}", report.reasons);
+    assert!(!report.ran.contains(&"gen".to_string()), "{:?}", report.ran);
+    assert_eq!(
+        report.ran.iter().filter(|n| *n == "gen2").count(),
+        1,
+        "{:?}",
+        report.ran
+    );
+    assert!(build(&fake, "root").ran.is_empty());
+}
+
+#[test]
+fn a_lookup_of_what_a_failed_maker_did_not_make_fails() {
+    let fake = project(MISORDERED, &[("gen.sh", "1"), ("main.c", "10")]);
+    build(&fake, "root");
+    // The generator now fails: the compile, which must run, is not given the last build's
+    // gen.h.
+    fake.set(&script_path("gen"), "fail");
+    fake.set("main.c", "20");
+    let report = build(&fake, "root");
+    assert_eq!(report.states["cc"], State::Failed);
+    assert!(
+        report.messages["cc"]
+            .iter()
+            .any(|m| m.contains("gen.h: its maker `gen` failed")),
+        "{:?}",
+        report.messages
+    );
+    assert_eq!(report.exit_code, 1);
+    // The root stops at the compile's failure, before it asks for the generator, which
+    // stays part of the build.
+    assert_eq!(report.states["gen"], State::Failed);
+}
+
+#[test]
+fn only_recipes_wait_for_their_makes_rules_never_a_make() {
+    // `sub` runs a make (it lists rules): it looks at x.h, which a rule of the root makes,
+    // without waiting, as make looks at targets before making them. The root's recipe `cc`
+    // reads x.h: made on demand by the rule.
+    let fake = project(
+        &[
+            ("root", "rule x.h make-x\nrun sub\nrun cc"),
+            ("sub", "rule y.h make-y\nread x.h"),
+            ("cc", "write out = x.h + 0"),
+            ("make-x", "write x.h = 5"),
+            ("make-y", "write y.h = 6"),
+        ],
+        &[],
+    );
+    let report = build(&fake, "root");
+    assert_eq!(report.exit_code, 0);
+    assert_eq!(
+        report.ran,
+        ["root", "sub", "cc", "make-x"].map(String::from).to_vec()
+    );
+    assert_eq!(fake.value("out"), 5);
+}
+
+#[test]
+fn an_older_trace_is_found_when_only_the_last_one_was_loaded_ahead() {
+    let fake = yacc();
+    fake.set("main.c", "5");
+    build(&fake, "run prog");
+    // Back as it was: the compile's and the link's first traces hold again, though only the
+    // last ones were loaded with the products.
+    fake.set("main.c", "1");
+    let options = Options {
+        jobs: 2,
+        ..Options::default()
+    };
+    let report = build_preloading(&fake, "run prog", options, 0);
+    assert!(report.ran.is_empty(), "{:?}", report.reasons);
+    for name in ["cc main", "ld"] {
+        assert!(
+            report.reasons[name].starts_with("valid trace"),
+            "{name}: {}",
+            report.reasons[name]
+        );
+    }
+    // The product is put back; main.o, an intermediate nothing that runs needs, is left.
+    assert_eq!(report.restored, set_of(&["prog"]));
+    assert_eq!(report.damaged, set_of(&["main.o"]));
 }

@@ -6,14 +6,16 @@
 //! listening socket bound at `/dev/cot`, and relays the command's child requests (`cot run`,
 //! `cot wait` inside it) to the coordinator. Before a child is requested, the thunk's writes so
 //! far are published (iThreads' release: the child sees them); after a child ends, the
-//! thunk's view is told about the paths the child wrote. When the command ends, the worker
-//! records the trace (with the child requests) and reports it.
+//! thunk's view is told about the paths the child wrote. The first lookup of a path another
+//! thunk of the build produces (the job lists them) waits until the coordinator says that
+//! thunk is done; a lookup refused (a cycle) fails with `EIO`, and so does the thunk. When the
+//! command ends, the worker records the trace (with the child requests) and reports it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -22,7 +24,8 @@ use parking_lot::Mutex;
 
 use super::engine::{CallLog, ChildOutcome};
 use super::protocol::{
-    read_message, write_message, ChildDone, FromClient, FromWorker, Job, ToClient,
+    path_hash, read_message, write_message, ChildDone, FromClient, FromWorker, Job, ToClient,
+    ToWorker,
 };
 use crate::cas::Cas;
 use crate::engine::{memo, RunOptions, Thunk};
@@ -81,12 +84,6 @@ fn run(job: Job, channel: &UnixStream) -> anyhow::Result<FromWorker> {
     let socket = socket_dir.path().join("cot.sock");
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    let options = RunOptions {
-        keep_failed: false,
-        no_passthrough: job.no_passthrough,
-        quiet: !job.show_output,
-        socket: Some(socket),
-    };
     let relay = Arc::new(Relay {
         channel: Mutex::new(channel.try_clone().context("cannot share the channel")?),
         waiting: Mutex::new(HashMap::new()),
@@ -95,11 +92,26 @@ fn run(job: Job, channel: &UnixStream) -> anyhow::Result<FromWorker> {
         background: Mutex::new(Vec::new()),
         view: Mutex::new(None),
         first_judgment: Mutex::new(HashMap::new()),
+        wanted: job.wanted.iter().copied().collect(),
+        asked: Mutex::new(HashSet::new()),
+        wants: Mutex::new(HashMap::new()),
+        refused: Mutex::new(false),
     });
+    let gate = (!relay.wanted.is_empty()).then(|| {
+        let relay = relay.clone();
+        cot_fusefs::LookupGate(Arc::new(move |path| relay.want(path)))
+    });
+    let options = RunOptions {
+        keep_failed: false,
+        no_passthrough: job.no_passthrough,
+        quiet: !job.show_output,
+        socket: Some(socket),
+        gate,
+    };
     let reader = channel.try_clone().context("cannot share the channel")?;
     // Threads start only once the sandbox is launched (it must be cloned from a
     // single-threaded process).
-    let ran = crate::engine::execute_with(&thunk, &options, |handle| {
+    let mut ran = crate::engine::execute_with(&thunk, &options, |handle| {
         *relay.view.lock() = Some(handle.clone());
         let dispatcher = relay.clone();
         std::thread::spawn(move || dispatcher.dispatch(reader));
@@ -109,6 +121,10 @@ fn run(job: Job, channel: &UnixStream) -> anyhow::Result<FromWorker> {
     // Children still running when the command ended: their results are awaited (and kept in
     // the trace) so nothing the build started is lost.
     relay.wait_background();
+    // A lookup it was refused (the coordinator says why) fails it, whatever it made of that.
+    if *relay.refused.lock() && ran.outcome == cot_sandbox::Outcome::Exited(0) {
+        ran.outcome = cot_sandbox::Outcome::Exited(1);
+    }
     let mut client = Client::connect(&job.store)?;
     let cas = Cas::open(&job.cas)?;
     let recorded = memo::record_run(
@@ -142,18 +158,64 @@ struct Relay {
     /// Per (directory, make target): whether plain make would have skipped its recipe, as
     /// judged at its first line.
     first_judgment: Mutex<HashMap<(PathBuf, String), bool>>,
+    /// The paths other thunks produce (by [`path_hash`]), and those asked for already.
+    wanted: HashSet<u64>,
+    asked: Mutex<HashSet<PathBuf>>,
+    /// Wants sent, waiting for their answer.
+    wants: Mutex<HashMap<u64, mpsc::Sender<Option<String>>>>,
+    /// A want was refused.
+    refused: Mutex<bool>,
 }
 
 impl Relay {
     /// Reads the coordinator's answers and hands each to its request.
     fn dispatch(&self, mut reader: UnixStream) {
-        while let Ok(done) = read_message::<ChildDone>(&mut reader) {
-            if let Some(sender) = self.waiting.lock().remove(&done.request) {
-                let _ = sender.send(done);
+        while let Ok(answer) = read_message::<ToWorker>(&mut reader) {
+            match answer {
+                ToWorker::Child(done) => {
+                    if let Some(sender) = self.waiting.lock().remove(&done.request) {
+                        let _ = sender.send(done);
+                    }
+                }
+                ToWorker::Wanted { request, error } => {
+                    if let Some(sender) = self.wants.lock().remove(&request) {
+                        let _ = sender.send(error);
+                    }
+                }
             }
         }
         // The coordinator is gone: every waiting request fails.
         self.waiting.lock().clear();
+        self.wants.lock().clear();
+    }
+
+    /// The gate of the thunk's lookups: the first lookup of a wanted path waits for the
+    /// coordinator's answer (on a FUSE thread; the answer comes through `dispatch`).
+    fn want(&self, path: &Path) -> io::Result<()> {
+        if !self.wanted.contains(&path_hash(path)) || !self.asked.lock().insert(path.into()) {
+            return Ok(());
+        }
+        let request = {
+            let mut next = self.next.lock();
+            *next += 1;
+            *next
+        };
+        let (sender, receiver) = mpsc::channel();
+        self.wants.lock().insert(request, sender);
+        let message = FromWorker::Want {
+            request,
+            path: path.to_path_buf(),
+        };
+        write_message(&mut *self.channel.lock(), &message)?;
+        match receiver.recv() {
+            Ok(None) => Ok(()),
+            Ok(Some(message)) => {
+                *self.refused.lock() = true;
+                Err(io::Error::other(message))
+            }
+            // The build is gone: the lookup goes on, the thunk ends soon anyway.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Accepts the clients inside the thunk, one thread each.
@@ -187,6 +249,25 @@ impl Relay {
                 Ok((index, receiver)) => self.finish(index, receiver),
             },
             FromClient::Wait => self.wait_background(),
+            FromClient::Rules {
+                argv,
+                env,
+                cwd,
+                targets,
+            } => {
+                let message = FromWorker::Rules {
+                    argv,
+                    env,
+                    cwd,
+                    targets,
+                };
+                match write_message(&mut *self.channel.lock(), &message) {
+                    Ok(()) => ToClient::Started,
+                    Err(e) => ToClient::Refused {
+                        message: format!("cannot reach the build: {e}"),
+                    },
+                }
+            }
         };
         write_message(&mut stream, &answer)
     }
@@ -212,7 +293,8 @@ impl Relay {
                 .or_insert(up_to_date),
             None => false,
         };
-        if let Some(view) = self.view.lock().as_ref() {
+        let view = self.view.lock().clone();
+        if let Some(view) = view {
             view.publish()
                 .map_err(|e| format!("cannot publish the thunk's writes: {e}"))?;
         }
@@ -254,7 +336,10 @@ impl Relay {
             message: done.message.clone(),
         };
         self.calls.end(index, &outcome);
-        if let Some(view) = self.view.lock().as_ref() {
+        // Not under the lock: the kernel may wait for a lookup of the thunk (one waiting for
+        // a file another thunk makes) before it drops an entry.
+        let view = self.view.lock().clone();
+        if let Some(view) = view {
             // What the child wrote, the thunk sees, hermetic or not.
             view.reveal(&done.written);
             if let Err(e) = view.invalidate(&done.written) {

@@ -73,6 +73,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// A listening Unix socket the command reaches at `/dev/cot`: the build it belongs to.
     pub socket: Option<PathBuf>,
+    /// What the thunk's lookups wait for first (a build: the producers of files it wants).
+    pub gate: Option<cot_fusefs::LookupGate>,
 }
 
 /// The one-line message cot prints for an outcome the command did not print itself.
@@ -208,6 +210,9 @@ pub fn execute_with(
         ..spec
     };
     let (fs, handle) = ProxyFs::new(fs_options)?;
+    if let Some(gate) = &options.gate {
+        handle.gate_lookups(gate.clone());
+    }
     let mut server = None;
     let sandbox = cot_sandbox::launch(&spec, |fd| {
         // The server holds one descriptor per file the thunk has open. Raised here, after the

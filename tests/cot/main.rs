@@ -15,6 +15,7 @@ mod lifecycle;
 mod lint;
 mod memo;
 mod memo_props;
+mod ondemand;
 mod rootless;
 mod tracing;
 mod writes;
