@@ -8,8 +8,9 @@
 //!   lies under a target that is a directory);
 //! - **race**: two thunks that nothing orders both write a path, or one writes what the other
 //!   reads (found from the traces, whatever the timing of this run was);
-//! - **time travel**: a thunk read a file as an earlier build left it, and a thunk of this
-//!   build (itself, or one not ordered before it) rewrote it;
+//! - **time travel**: a thunk read a file that a thunk ordered after it (or itself) writes:
+//!   what an earlier build left, or this build's file only because cot made it first, on
+//!   demand;
 //! - **input overwritten**: a thunk wrote a file that is a source input of the build.
 //!
 //! *Ordered* means what the build guarantees, not what happened to happen: two children of
@@ -250,6 +251,11 @@ pub fn lint(thunks: &[LintThunk], cx: &LintContext<'_>) -> Vec<Finding> {
         }
     }
 
+    // make looks at every target and prerequisite, there or not, to decide what to run:
+    // those are not a recipe's reads.
+    for list in readers.values_mut() {
+        list.retain(|(r, _)| !build.is_make(*r));
+    }
     let no_writers = Vec::new();
     let paths: BTreeSet<&StorePath> = readers.keys().chain(writers.keys()).copied().collect();
     for path in paths {
@@ -293,6 +299,36 @@ pub fn lint(thunks: &[LintThunk], cx: &LintContext<'_>) -> Vec<Finding> {
             // writers, or time travel, not a dependency on them.
             for &(w, _) in path_writers.iter().filter(|(w, _)| *w != r && !own) {
                 if build.same_rule(r, w) || build.related(r, w) {
+                    continue;
+                }
+                // Ordered the wrong way round: it reads what a later thunk writes. Either it
+                // read what an earlier build left, or it read this build's file only because
+                // cot made it first, on demand.
+                if build.recipe(r).is_none() && build.before(r, w) {
+                    undeclared = true;
+                    let fresh = matches!(observed, Observed::Content { digest, .. }
+                        if written_here.contains(&digest));
+                    findings.add(
+                        Kind::TimeTravel,
+                        &shown,
+                        build.party(r),
+                        Some(build.party(w)),
+                        if fresh {
+                            format!(
+                                "{} read {shown}, which {} writes after it (cot made it \
+                                 first, on demand)",
+                                build.party(r),
+                                build.party(w)
+                            )
+                        } else {
+                            format!(
+                                "{} read {shown} as an earlier build left it, then {} \
+                                 rewrote it in this build",
+                                build.party(r),
+                                build.party(w)
+                            )
+                        },
+                    );
                     continue;
                 }
                 let missing = match build.recipe(r) {
@@ -651,6 +687,13 @@ impl<'a> Graph<'a> {
     /// The target of recipe `t` as make named it.
     fn target_name(&self, t: usize) -> String {
         target_of(&self.thunks[t].key).unwrap_or_default()
+    }
+
+    /// Whether `t` runs make: its children are recipe lines, or it is cot's make driver.
+    fn is_make(&self, t: usize) -> bool {
+        let thunk = &self.thunks[t];
+        thunk.trace.children.iter().any(|c| c.declared.is_some())
+            || thunk.key.argv.get(1).is_some_and(|a| a == b"__make")
     }
 
     fn recipe(&self, t: usize) -> Option<&StorePath> {

@@ -304,8 +304,8 @@ directly or through other rules);\n\
 - undeclared output: a recipe wrote a file other than its target (or what lies under a target \
 that is a directory);\n\
 - race: two thunks that nothing orders both write a path, or one writes what the other reads;\n\
-- time travel: a thunk read a file as an earlier build left it, and this build rewrote it \
-afterwards;\n\
+- time travel: a thunk read a file that a step ordered after it (or itself) writes: as an \
+earlier build left it, or made first on demand;\n\
 - input overwritten: a thunk wrote a source file of the build.\n\n\
 Ordered means guaranteed by the build: a child whose result its parent had before requesting \
 another; under make, a target among another's prerequisites ($^ and $|, transitively). Reads \
