@@ -308,8 +308,10 @@ that is a directory);\n\
 earlier build left it, or made first on demand;\n\
 - input overwritten: a thunk wrote a source file of the build.\n\n\
 Ordered means guaranteed by the build: a child whose result its parent had before requesting \
-another; under make, a target among another's prerequisites ($^ and $|, transitively). Reads \
-are reads of contents, links and failed lookups. Paths that say nothing about the build are \
+another; under make, a target among another's prerequisites ($^ and $|, transitively, and what \
+the dependency files make includes list). A rule whose recipe makes no file of its name (phony) \
+runs every time: its reads need not be declared. Reads are reads of contents, links and failed \
+lookups. Paths outside the project that say nothing about the build are \
 ignored: /proc, /sys, /dev, /run, /tmp, /var/tmp, /var/cache, the loader cache, locales, \
 /etc/{localtime,resolv.conf,nsswitch.conf,hosts,passwd,group}, __pycache__; add globs in \
 cot.toml: `[lint]` `ignore = [\"gen/*.log\"]` (relative globs are relative to the project root; \
