@@ -2227,6 +2227,28 @@ impl<W: World> Inner<W> {
         shared.resolved.insert(resolved.id, resolved);
     }
 
+    /// Deletes the outputs of `trace` that `doomed` names and that are still as it left them,
+    /// deepest first (a directory after its entries); what was deleted goes to `removed`.
+    fn remove_outputs(
+        &self,
+        trace: &Trace,
+        removed: &mut Vec<StorePath>,
+        doomed: impl Fn(&StorePath) -> bool,
+    ) {
+        for output in trace.outputs.iter().rev() {
+            if !doomed(&output.path)
+                || output.state == OutputState::Deleted
+                || !self.world.holds(&output.path, &output.state)
+            {
+                continue;
+            }
+            match self.world.remove(&output.path) {
+                Ok(()) => removed.push(output.path.clone()),
+                Err(e) => eprintln!("cot: {e:#}"),
+            }
+        }
+    }
+
     /// After the root: damaged and wanted outputs, stale thunks, the build record.
     fn finish(
         self: &Arc<Self>,
@@ -2319,19 +2341,10 @@ impl<W: World> Inner<W> {
             let Some(trace) = resolved.trace.clone().filter(|_| deleting) else {
                 continue;
             };
-            for output in trace.outputs.iter().rev() {
-                let last_writer = shared.keystate.get(&output.path).map(|(_, w)| w);
-                if !last_writer.is_some_and(|w| outsiders.contains(w))
-                    || output.state == OutputState::Deleted
-                    || !self.world.holds(&output.path, &output.state)
-                {
-                    continue;
-                }
-                match self.world.remove(&output.path) {
-                    Ok(()) => removed.push(output.path.clone()),
-                    Err(e) => eprintln!("cot: {e:#}"),
-                }
-            }
+            self.remove_outputs(&trace, &mut removed, |path| {
+                let last_writer = shared.keystate.get(path).map(|(_, w)| w);
+                last_writer.is_some_and(|w| outsiders.contains(w))
+            });
         }
         if let Some(last) = &last {
             for thunk in &last.thunks {
@@ -2351,19 +2364,9 @@ impl<W: World> Inner<W> {
                     .map(|(_, t)| t.clone());
                 if let Some(trace) = &trace {
                     if !self.options.keep_stale && !dry {
-                        // Deepest first, so a directory goes after its entries.
-                        for output in trace.outputs.iter().rev() {
-                            if shared.keystate.contains_key(&output.path)
-                                || output.state == OutputState::Deleted
-                                || !self.world.holds(&output.path, &output.state)
-                            {
-                                continue;
-                            }
-                            match self.world.remove(&output.path) {
-                                Ok(()) => removed.push(output.path.clone()),
-                                Err(e) => eprintln!("cot: {e:#}"),
-                            }
-                        }
+                        self.remove_outputs(trace, &mut removed, |path| {
+                            !shared.keystate.contains_key(path)
+                        });
                     }
                 }
                 stale.push(Resolved {
