@@ -2,7 +2,7 @@
 //! file system, and a `cot __thunk` worker process for every thunk that runs.
 
 use std::collections::HashSet;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -222,8 +222,7 @@ impl RealWorld {
 
     /// The thunk a key describes, as the sandbox runs it.
     fn thunk_of(&self, key: &ThunkKey) -> Thunk {
-        let mut env: Vec<(OsString, OsString)> =
-            key.env.iter().map(|(n, v)| (os(n), os(v))).collect();
+        let (argv, mut env) = key::command_line(key, &self.paths);
         env.push((JOBS_ENV.into(), self.settings.jobs.to_string().into()));
         if self.settings.make_shell {
             env.push((
@@ -235,7 +234,7 @@ impl RealWorld {
         // the engine runs recorded children again from their keys alone.
         let (hermetic, net) = key::isolation(&key.options, &self.paths);
         let thunk = self.settings.thunk(
-            key.argv.iter().map(|a| os(a)).collect(),
+            argv,
             env,
             self.paths.to_view(&key.cwd),
             key.target
@@ -364,10 +363,6 @@ impl RealWorld {
             .with_context(|| format!("cannot start {}", self.exe.display()))?;
         Ok((child, ours))
     }
-}
-
-fn os(bytes: &[u8]) -> OsString {
-    OsStr::from_bytes(bytes).to_owned()
 }
 
 /// The trace of a thunk that was interrupted (nothing is recorded for it).

@@ -337,7 +337,7 @@ pub fn command_of(key: &ThunkKey) -> String {
     let words: Vec<String> = key
         .argv
         .iter()
-        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .map(|a| crate::engine::key::display_named(a))
         .collect();
     if key.target.is_some() && words.len() == 3 && words[1] == "-c" {
         return words[2].clone();

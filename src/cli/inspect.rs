@@ -100,8 +100,9 @@ fn parse_age(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(seconds)))
 }
 
+/// Bytes as text, a key's named roots as `$PROJECT` and `$HOME`.
 fn bytes_text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    crate::engine::key::display_named(bytes)
 }
 
 fn store_path_text(path: &StorePath) -> String {
