@@ -15,7 +15,10 @@
 //! <root>/corrupt/<64 hex>           an object that failed verification, never served again
 //! ```
 //!
-//! The fan-out directories under `objects/` are created on demand and never removed.
+//! The fan-out directories under `objects/` are created on demand and never removed. When the
+//! root is group-writable (a cache shared by the users of a group: `chgrp team DIR; chmod 2775
+//! DIR`), every directory the store creates gets the root's permission bits (setgid included),
+//! whatever the umask of the user who creates it.
 //!
 //! # Invariants
 //!
@@ -26,9 +29,12 @@
 //!   replaces it with the same bytes, so any number of writers (threads, cot processes,
 //!   projects sharing one `--cache DIR`, users when the directories are group or world
 //!   writable) never corrupt it.
-//! - Nothing is trusted on the way out: [`Cas::read`] and [`Cas::restore`] hash what they hand
-//!   back and refuse (Error::Corrupt) content that does not match its digest. The offending
-//!   object is moved to `corrupt/`, so the next put of that content stores a good copy.
+//! - Nothing is trusted on the way out: [`Cas::read`], [`Cas::restore`] and [`Cas::import`]
+//!   hash what they hand back and refuse (Error::Corrupt) content that does not match its
+//!   digest. The offending object is moved to `corrupt/`, so the next put of that content
+//!   stores a good copy. Nothing is trusted on the way in from elsewhere either: an object
+//!   copied from another store ([`Cas::import`]) or written by a [`Writer`] (a download) is
+//!   hashed as it lands and installed only when it has the digest it was asked for.
 //! - Restored files are copies (or reflinks, which are copy-on-write), never hard links: editing
 //!   a restored output in place cannot change the object it came from.
 //!
@@ -44,7 +50,8 @@
 //!
 //! [`Cas::gc`] trusts its `keep` set: an object stored by a writer whose trace is not yet
 //! committed is not in it, so gc must not run concurrently with such writers. Sharing a store
-//! between users relies on the directories' own permissions (umask, setgid directories).
+//! between users relies on the directories' own permissions (a group-writable, setgid root);
+//! who may write to it is the file system's business, what is read from it is checked here.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -109,6 +116,18 @@ pub enum Error {
         found: String,
     },
 
+    /// Content that arrived from elsewhere (another store, a download) does not have the digest
+    /// it was asked for; nothing was stored.
+    #[error("{origin}: expected content {expected}, received content {found}")]
+    Mismatch {
+        /// Where it came from.
+        origin: String,
+        /// The digest asked for, in hex.
+        expected: String,
+        /// The digest of what arrived, in hex.
+        found: String,
+    },
+
     /// `<root>/VERSION` names a format this code does not read.
     #[error("content store {path:?} has format version {found:?}; this cot reads version 1 only")]
     Version {
@@ -143,6 +162,8 @@ pub struct Cas {
     objects: PathBuf,
     tmp: PathBuf,
     corrupt: PathBuf,
+    /// The root's permission bits when it is group-writable: given to every directory made.
+    shared_mode: Option<u32>,
 }
 
 /// What [`Cas::gc`] freed.
@@ -158,17 +179,55 @@ impl Cas {
     /// Opens the store at `root`, creating it (directories and `VERSION`) if needed. Refuses a
     /// store of another format version.
     pub fn open(root: &Path) -> Result<Cas, Error> {
-        let cas = Cas {
+        fs::create_dir_all(root).map_err(io_error(root))?;
+        let mut cas = Cas::at(root);
+        cas.shared_mode = fs::metadata(root)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o7777)
+            .filter(|mode| mode & 0o020 != 0);
+        for dir in [&cas.objects, &cas.tmp, &cas.corrupt] {
+            cas.make_dir(dir)?;
+        }
+        cas.check_version()?;
+        Ok(cas)
+    }
+
+    /// Opens an existing store at `root` without creating or writing anything (a store the
+    /// caller may only read). Refuses a missing store or one of another format version.
+    pub fn open_existing(root: &Path) -> Result<Cas, Error> {
+        let cas = Cas::at(root);
+        let path = root.join("VERSION");
+        let found = fs::read(&path).map_err(io_error(&path))?;
+        if found != VERSION.as_bytes() {
+            let found = String::from_utf8_lossy(&found[..found.len().min(64)]);
+            return Err(Error::Version {
+                path,
+                found: found.trim_end_matches('\n').to_owned(),
+            });
+        }
+        Ok(cas)
+    }
+
+    fn at(root: &Path) -> Cas {
+        Cas {
             root: root.to_owned(),
             objects: root.join("objects"),
             tmp: root.join("tmp"),
             corrupt: root.join("corrupt"),
-        };
-        for dir in [&cas.objects, &cas.tmp, &cas.corrupt] {
-            fs::create_dir_all(dir).map_err(io_error(dir))?;
+            shared_mode: None,
         }
-        cas.check_version()?;
-        Ok(cas)
+    }
+
+    /// Creates a directory of the store unless it exists, with the root's permission bits when
+    /// the store is shared.
+    fn make_dir(&self, dir: &Path) -> Result<(), Error> {
+        make_dir(dir, self.shared_mode)
+    }
+
+    /// The permission bits of the root when it is shared by a group (see the module
+    /// documentation), for directories kept beside the store.
+    pub fn shared_mode(&self) -> Option<u32> {
+        self.shared_mode
     }
 
     /// The directory the store was opened at.
@@ -259,6 +318,37 @@ impl Cas {
             source: e.error,
         })?;
         Ok(())
+    }
+
+    /// Copies object `d` from the store `from` into this one (a reflink where the file system
+    /// can), unless it is here already; returns its size. The copy is hashed as it lands: an
+    /// object of `from` that does not match its digest is refused (Error::Corrupt, and moved
+    /// to `from`'s `corrupt/` when `from` can be written), and nothing is stored here.
+    pub fn import(&self, from: &Cas, d: &Digest) -> Result<u64, Error> {
+        let here = self.object_path(d);
+        if let Ok(meta) = fs::symlink_metadata(&here) {
+            return Ok(meta.len());
+        }
+        let path = from.object_path(d);
+        let (mut object, size) = open_regular(&path)?;
+        let mut tmp = self.tmp_file()?;
+        let (digest, size) = fill(&mut object, &path, &mut tmp, size, ficlone)?;
+        if digest != *d {
+            return Err(from.corrupt(d, path));
+        }
+        self.install(Content::Tmp(tmp), d)?;
+        Ok(size)
+    }
+
+    /// A writer of one object whose digest the caller knows (content arriving from elsewhere):
+    /// see [`Writer`].
+    pub fn writer(&self) -> Result<Writer, Error> {
+        Ok(Writer {
+            cas: self.clone(),
+            tmp: self.tmp_file()?,
+            hasher: blake3::Hasher::new(),
+            size: 0,
+        })
     }
 
     /// Removes objects not in `keep`, stray files in `tmp/` older than an hour, and everything
@@ -385,16 +475,7 @@ impl Cas {
             Ok(_) => return Ok(()),
             Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
                 let dir = dest.parent().unwrap_or(&self.objects);
-                match fs::create_dir(dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => {
-                        return Err(Error::Io {
-                            path: dir.to_owned(),
-                            source: e,
-                        })
-                    }
-                }
+                self.make_dir(dir)?;
                 match e.file.persist(&dest) {
                     Ok(_) => return Ok(()),
                     Err(e) => e.error,
@@ -422,6 +503,57 @@ impl Cas {
             let _ = fs::remove_file(&path);
         }
         Error::Corrupt { digest, path }
+    }
+}
+
+/// Content arriving in pieces (a download), hashed as it is written to a file in `tmp/`, and
+/// stored by [`Writer::finish`] only if it has the digest it was asked for.
+pub struct Writer {
+    cas: Cas,
+    tmp: NamedTempFile,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+impl Writer {
+    /// Appends `data`.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        self.tmp.write_all(data).map_err(io_error(&self.cas.tmp))
+    }
+
+    /// Stores what was written as object `expected`, or refuses it (Error::Mismatch, naming
+    /// `origin`) when it has another digest. Returns its size.
+    pub fn finish(self, expected: &Digest, origin: &str) -> Result<u64, Error> {
+        let found = *self.hasher.finalize().as_bytes();
+        if found != *expected {
+            return Err(Error::Mismatch {
+                origin: origin.to_owned(),
+                expected: hex(expected),
+                found: hex(&found),
+            });
+        }
+        self.cas.install(Content::Tmp(self.tmp), expected)?;
+        Ok(self.size)
+    }
+}
+
+/// Creates `dir` unless it exists; a directory created gets `mode` when one is given (the
+/// permission bits of a store shared by a group).
+pub fn make_dir(dir: &Path, mode: Option<u32>) -> Result<(), Error> {
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            if let Some(mode) = mode {
+                fs::set_permissions(dir, Permissions::from_mode(mode)).map_err(io_error(dir))?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::Io {
+            path: dir.to_owned(),
+            source: e,
+        }),
     }
 }
 

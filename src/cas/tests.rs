@@ -64,19 +64,29 @@ impl Fixture {
         names
     }
 
+    /// Damages the first byte of an object of another store.
+    fn damage_in(&self, cas: &Cas, d: &Digest) {
+        damage_object(cas, d, 0);
+    }
+
     /// Overwrites one byte of a stored object in place, as a disk or a stray program might.
     fn damage(&self, d: &Digest, offset: u64) {
-        let path = self.cas.object_path(d);
-        fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let mut byte = [0u8];
-        file.read_exact_at(&mut byte, offset).unwrap();
-        file.write_all_at(&[byte[0] ^ 0x01], offset).unwrap();
+        damage_object(&self.cas, d, offset);
     }
+}
+
+/// Overwrites one byte of an object in place.
+fn damage_object(cas: &Cas, d: &Digest, offset: u64) {
+    let path = cas.object_path(d);
+    fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x01], offset).unwrap();
 }
 
 fn content(len: usize, seed: u8) -> Vec<u8> {
@@ -615,4 +625,92 @@ proptest! {
         prop_assert_eq!(fs::metadata(&dest).unwrap().mode() & 0o7777, mode);
         prop_assert_eq!(f.objects(), vec![d]);
     }
+}
+
+#[test]
+fn import_copies_a_verified_object_from_another_store() {
+    let f = fixture();
+    let other = Cas::open(&f.work.join("other")).unwrap();
+    let data = content(300_000, 3);
+    let d = other.put_bytes(&data).unwrap();
+    assert_eq!(f.cas.import(&other, &d).unwrap(), data.len() as u64);
+    assert_eq!(f.cas.read(&d).unwrap(), data);
+    // Present already: nothing is read from the other store.
+    f.damage_in(&other, &d);
+    assert_eq!(f.cas.import(&other, &d).unwrap(), data.len() as u64);
+}
+
+#[test]
+fn import_refuses_a_corrupt_object_and_stores_nothing() {
+    let f = fixture();
+    let other = Cas::open(&f.work.join("other")).unwrap();
+    let d = other.put_bytes(&content(5000, 4)).unwrap();
+    f.damage_in(&other, &d);
+    match f.cas.import(&other, &d) {
+        Err(Error::Corrupt { digest, .. }) => assert_eq!(digest, hex(&d)),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(!f.cas.contains(&d));
+    assert!(!other.contains(&d), "moved aside in the store it came from");
+    assert!(f.entries(&f.cas.tmp).is_empty());
+}
+
+#[test]
+fn a_writer_stores_only_the_content_it_was_asked_for() {
+    let f = fixture();
+    let data = content(100_000, 5);
+    let d = hash_bytes(&data);
+    let mut writer = f.cas.writer().unwrap();
+    for chunk in data.chunks(7000) {
+        writer.write(chunk).unwrap();
+    }
+    assert_eq!(writer.finish(&d, "test").unwrap(), data.len() as u64);
+    assert_eq!(f.cas.read(&d).unwrap(), data);
+
+    let mut writer = f.cas.writer().unwrap();
+    writer.write(b"something else").unwrap();
+    let wanted = hash_bytes(b"what was asked for");
+    match writer.finish(&wanted, "remote blob") {
+        Err(Error::Mismatch { origin, .. }) => assert_eq!(origin, "remote blob"),
+        other => panic!("expected Mismatch, got {other:?}"),
+    }
+    assert!(!f.cas.contains(&wanted));
+    assert!(f.entries(&f.cas.tmp).is_empty(), "nothing left behind");
+}
+
+#[test]
+fn a_group_writable_root_gives_its_mode_to_every_directory_made() {
+    let f = fixture();
+    let root = f.work.join("shared");
+    fs::create_dir(&root).unwrap();
+    fs::set_permissions(&root, Permissions::from_mode(0o2775)).unwrap();
+    // Whatever the umask of the user who creates them.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let opened = Cas::open(&root).and_then(|cas| cas.put_bytes(b"x").map(|d| (cas, d)));
+    nix::sys::stat::umask(old);
+    let (cas, d) = opened.unwrap();
+    let fan_out = cas.object_path(&d).parent().unwrap().to_path_buf();
+    for dir in [
+        cas.objects.clone(),
+        cas.tmp.clone(),
+        cas.corrupt.clone(),
+        fan_out,
+    ] {
+        let mode = fs::metadata(&dir).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o2775, "{}", dir.display());
+    }
+    // A private root stays private.
+    let private = Cas::open(&f.work.join("private")).unwrap();
+    assert_eq!(private.shared_mode(), None);
+}
+
+#[test]
+fn open_existing_creates_nothing() {
+    let f = fixture();
+    let missing = f.work.join("missing");
+    assert!(Cas::open_existing(&missing).is_err());
+    assert!(!missing.exists());
+    let d = f.cas.put_bytes(b"y").unwrap();
+    let reader = Cas::open_existing(f.cas.root()).unwrap();
+    assert_eq!(reader.read(&d).unwrap(), b"y");
 }
