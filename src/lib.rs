@@ -5,10 +5,12 @@
 //! the thunk may see and write ([`engine::Thunk`]), runs it ([`engine::execute`]) and commits
 //! its writes only when it succeeds. [`engine::memo`] makes runs memoized: traces in the
 //! RocksDB [`store`] (served to every cot of a project by the [`server`]), file contents in the
-//! blake3 content store [`cas`]. [`trace`] writes the exact list of accesses as JSON lines.
+//! blake3 content store [`cas`]; [`cache`] shares them beyond the project (a directory shared
+//! by checkouts and users, a remote cache). [`trace`] writes the exact list of accesses as JSON lines.
 //! [`cli`] is the thin command-line layer.
 
 pub mod build;
+pub mod cache;
 pub mod cas;
 pub mod cli;
 pub mod engine;

@@ -288,6 +288,12 @@ impl Cas {
         Ok(data)
     }
 
+    /// Opens an object for reading as it is, unverified: for looking through its bytes (a
+    /// content that is used is read with [`Cas::read`] or [`Cas::restore`]).
+    pub fn open_object(&self, d: &Digest) -> Result<File, Error> {
+        open_regular(&self.object_path(d)).map(|(file, _)| file)
+    }
+
     /// Writes the object's content to `dest` atomically (temp file in dest's directory, then
     /// rename over dest), with `mode` (permission bits), never as a hard link. Reflink (FICLONE)
     /// where the filesystem can, else copy; either way the content is verified against the

@@ -1,0 +1,257 @@
+//! Caches beyond the project's own store: a directory shared by the checkouts and users of one
+//! machine ([`dir::SharedDir`], `--cache DIR`) and a remote cache speaking the Bazel Remote
+//! Execution API ([`crate::remote`], `--remote grpc://HOST:PORT`).
+//!
+//! They are a second level. The project's store (`.cot/store`, `.cot/cas`) is consulted first
+//! and keeps the project's own records (its builds, its last use of each trace); a cache is
+//! asked only for a thunk none of whose own traces holds, tier by tier ([`Caches::lookup`]).
+//! What it returns is decided like any trace, against this checkout's files: a cache holds
+//! *verifying* traces with their contents (the design notes' constructive traces), never a
+//! verdict. A trace that holds is made the project's own before it is used
+//! ([`Caches::fetch`]): every content it refers to is copied into the project's content store
+//! and verified there, then the trace is recorded in the project's store, so the result is
+//! restored, replayed and collected like one of its own. A thunk that runs is written to the
+//! caches that take writes ([`Caches::export`]).
+//!
+//! A cache never makes cot fail, nor makes it use a wrong output: an unreadable directory, a
+//! server that is down or slow, a corrupt or forged entry or content are each reported once
+//! as a warning, and the thunk is decided without that tier (it runs, as if the cache were
+//! empty). Keys name their roots ([`crate::engine::key::Names`]) and traces hold project paths
+//! relative to its root, so a second checkout of a project, at another path or of another
+//! user, finds the traces of the first ([`portable`] says which traces stay where they were
+//! made).
+
+pub mod dir;
+pub mod portable;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::cas::Cas;
+use crate::engine::key::Names;
+use crate::store::model::{Digest, ThunkId, ThunkKey, Trace};
+use crate::store::{hex, thunk_id};
+
+use dir::SharedDir;
+use portable::Entry;
+
+/// An error of a cache; none is fatal to cot (see the module documentation).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cas(#[from] crate::cas::Error),
+    #[error("{}: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{}: format {found:?}; this cot reads format 1", path.display())]
+    Version { path: PathBuf, found: String },
+}
+
+/// Where caches are and how they may be used (`--cache`, `--cache-read-only`, cot.toml).
+#[derive(Clone, Debug, Default)]
+pub struct CacheOptions {
+    /// The shared cache directory.
+    pub dir: Option<PathBuf>,
+    /// Never write to the shared directory.
+    pub read_only: bool,
+}
+
+impl CacheOptions {
+    pub fn is_empty(&self) -> bool {
+        self.dir.is_none()
+    }
+}
+
+/// One level of the caches, in the order they are asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// The shared directory.
+    Dir,
+}
+
+/// A trace a cache holds for a thunk, in this checkout's form.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub trace: Trace,
+    /// Where its contents are fetched from.
+    source: Source,
+}
+
+#[derive(Clone, Debug)]
+enum Source {
+    /// A trace file of the shared directory, by its digest.
+    Dir { entry: Digest },
+}
+
+/// What one tier knows of a thunk.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub key: ThunkKey,
+    /// Its traces that may be used here, most recently used first.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Where warnings go (stderr, or a build's progress display).
+pub type Warn = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The caches of one cot process.
+pub struct Caches {
+    dir: Option<SharedDir>,
+    names: Names,
+    warn: Warn,
+    /// Warnings given already, so each is given once.
+    warned: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Caches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caches")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Caches {
+    /// No caches.
+    pub fn none() -> Caches {
+        Caches {
+            dir: None,
+            names: Names::default(),
+            warn: Arc::new(|_| {}),
+            warned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Opens the caches `options` names, for a checkout whose roots are `names`. A cache that
+    /// cannot be opened is left out, with a warning.
+    pub fn open(options: &CacheOptions, names: &Names, warn: Warn) -> Caches {
+        let mut caches = Caches {
+            names: names.clone(),
+            warn,
+            ..Caches::none()
+        };
+        if let Some(root) = &options.dir {
+            match SharedDir::open(root, options.read_only) {
+                Ok(dir) => caches.dir = Some(dir),
+                Err(e) => caches.warn_once(format!(
+                    "cannot use the shared cache {}: {e}; building without it",
+                    root.display()
+                )),
+            }
+        }
+        caches
+    }
+
+    /// The tiers to ask, in order.
+    pub fn tiers(&self) -> Vec<Tier> {
+        let mut tiers = Vec::new();
+        if self.dir.is_some() {
+            tiers.push(Tier::Dir);
+        }
+        tiers
+    }
+
+    /// Whether there is any cache at all.
+    pub fn is_empty(&self) -> bool {
+        self.tiers().is_empty()
+    }
+
+    /// How a tier is named in messages.
+    pub fn describe(&self, tier: Tier) -> String {
+        match tier {
+            Tier::Dir => match &self.dir {
+                Some(dir) => format!("the shared cache {}", dir.root().display()),
+                None => "the shared cache".into(),
+            },
+        }
+    }
+
+    /// What `tier` knows of thunk `id`: its key and the traces that may be used here. `None`
+    /// when it knows nothing usable (or failed: then with a warning).
+    pub fn lookup(&self, id: &ThunkId, tier: Tier) -> Option<Found> {
+        match tier {
+            Tier::Dir => {
+                let dir = self.dir.as_ref()?;
+                let known = match dir.known(id) {
+                    Ok(known) => known?,
+                    Err(e) => {
+                        self.warn_once(format!("{}: {e}; skipped", self.describe(tier)));
+                        return None;
+                    }
+                };
+                if known.corrupt > 0 {
+                    self.warn_once(format!(
+                        "{}: {} trace(s) of thunk {} failed verification; skipped",
+                        self.describe(tier),
+                        known.corrupt,
+                        &hex(id)[..12]
+                    ));
+                }
+                let candidates = known
+                    .entries
+                    .into_iter()
+                    .filter_map(|(entry, found)| {
+                        Some(Candidate {
+                            trace: found.local(&self.names)?,
+                            source: Source::Dir { entry },
+                        })
+                    })
+                    .collect();
+                Some(Found {
+                    key: known.key,
+                    candidates,
+                })
+            }
+        }
+    }
+
+    /// Makes a candidate usable: every content its trace refers to, copied into `cas` and
+    /// verified there. An error says what failed (and is also warned about).
+    pub fn fetch(&self, id: &ThunkId, candidate: &Candidate, cas: &Cas) -> Result<(), String> {
+        let digests = portable::blobs(&candidate.trace);
+        let result = match &candidate.source {
+            Source::Dir { entry } => {
+                let dir = self.dir.as_ref().ok_or("no shared cache")?;
+                let fetched = dir.fetch(&digests, cas);
+                if fetched.is_ok() {
+                    dir.touch(id, entry);
+                }
+                fetched.map_err(|e| format!("{}: {e}", self.describe(Tier::Dir)))
+            }
+        };
+        if let Err(message) = &result {
+            self.warn_once(format!("{message}; running the thunk instead"));
+        }
+        result
+    }
+
+    /// Writes a trace the project just recorded to every cache that takes writes. Failures
+    /// are warnings.
+    pub fn export(&self, key: &ThunkKey, trace: &Trace, cas: &Cas) {
+        let Some(dir) = self.dir.as_ref().filter(|d| d.writable()) else {
+            return;
+        };
+        let entry = Entry::new(trace, &self.names, cas);
+        if let Err(e) = dir.put(key, &entry, &portable::blobs(trace), cas) {
+            self.warn_once(format!(
+                "cannot write to {} (thunk {}): {e}",
+                self.describe(Tier::Dir),
+                &hex(&thunk_id(key))[..12]
+            ));
+        }
+    }
+
+    /// Gives a warning unless it was given already.
+    fn warn_once(&self, message: String) {
+        if self.warned.lock().insert(message.clone()) {
+            (self.warn)(&message);
+        }
+    }
+}
