@@ -1,7 +1,7 @@
 //! The real [`World`] of a build: the trace store and content store of the project, the real
 //! file system, and a `cot __thunk` worker process for every thunk that runs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::os::fd::OwnedFd;
@@ -22,6 +22,7 @@ use super::progress::Progress;
 use super::protocol::{
     path_hash, read_message, write_message, ChildDone, FromWorker, Job, ToWorker,
 };
+use crate::cache::{Caches, Found};
 use crate::cas::Cas;
 use crate::engine::hermetic::{self, ProjectView};
 use crate::engine::key::{self, thunk_key, Binds, Paths};
@@ -47,6 +48,8 @@ pub struct Settings {
     pub rootless: bool,
     pub store: PathBuf,
     pub cas: PathBuf,
+    /// The caches beyond the project's store.
+    pub caches: crate::cache::CacheOptions,
     pub check: CheckMode,
     pub no_passthrough: bool,
     pub jobs: usize,
@@ -132,6 +135,10 @@ pub struct RealWorld {
     /// `lstat`s of paths no thunk can change, shared by every check of the build.
     stats: StatCache,
     cas: Cas,
+    /// The caches beyond the project's store, and what each said of a thunk (a thunk is
+    /// looked up once per build and cache).
+    caches: Caches,
+    cached: Mutex<HashMap<(ThunkId, usize), Option<Found>>>,
     exe: PathBuf,
     progress: Progress,
     /// Worker processes running, to forward a termination signal to.
@@ -161,8 +168,11 @@ impl RealWorld {
         let mut volatile: Vec<PathBuf> = vec![binds.real(&settings.project_root)];
         volatile.extend(settings.writable.iter().map(|w| binds.real(w)));
         let stats = StatCache::new(volatile);
+        let caches = Caches::open(&settings.caches, paths.names());
         Ok(RealWorld {
             stats,
+            caches,
+            cached: Mutex::new(HashMap::new()),
             pool: Pool {
                 store: settings.store.clone(),
                 clients: Mutex::new(Vec::new()),
@@ -210,6 +220,28 @@ impl RealWorld {
             &self.hidden,
         )
         .with_stat_cache(&self.stats)
+    }
+
+    /// Shows the caches' warnings above the progress line.
+    fn cache_warnings(&self) {
+        for message in self.caches.take_warnings() {
+            self.progress.println(&format!("cot: warning: {message}"));
+        }
+    }
+
+    /// What cache `tier` knows of thunk `id` (asked once per build).
+    fn cache_lookup(&self, id: &ThunkId, tier: usize) -> Option<Found> {
+        if let Some(found) = self.cached.lock().get(&(*id, tier)) {
+            return found.clone();
+        }
+        let found = self
+            .caches
+            .tiers()
+            .get(tier)
+            .and_then(|t| self.caches.lookup(id, *t));
+        self.cache_warnings();
+        self.cached.lock().insert((*id, tier), found.clone());
+        found
     }
 
     /// Saves the digests an observer computed, so the next check does not hash again.
@@ -590,6 +622,12 @@ impl World for std::sync::Arc<RealWorld> {
                         message,
                         interrupted,
                     } => {
+                        if let Some((_, trace)) = recorded.as_ref().filter(|(_, t)| {
+                            t.exit_code == 0 && !interrupted && !self.caches.is_empty()
+                        }) {
+                            self.caches.export(key, trace, &self.cas);
+                            self.cache_warnings();
+                        }
                         return Ok(match recorded {
                             Some((trace_id, trace)) => Executed {
                                 trace_id,
@@ -731,5 +769,49 @@ impl World for std::sync::Arc<RealWorld> {
     fn started(&self, key: &ThunkKey) {
         self.progress.add_total(1);
         self.progress.started(&command_of(key));
+    }
+
+    fn cache_tiers(&self) -> usize {
+        self.caches.tiers().len()
+    }
+
+    fn cached(&self, id: &ThunkId, tier: usize) -> Option<Known> {
+        let found = self.cache_lookup(id, tier)?;
+        let traces = found
+            .candidates
+            .into_iter()
+            .map(|c| (crate::store::trace_id(&c.trace), c.trace))
+            .collect();
+        Some((found.key, traces))
+    }
+
+    fn cache_name(&self, tier: usize) -> String {
+        self.caches
+            .tiers()
+            .get(tier)
+            .map(|t| self.caches.describe(*t))
+            .unwrap_or_default()
+    }
+
+    fn adopt_cached(
+        &self,
+        id: &ThunkId,
+        key: &ThunkKey,
+        tier: usize,
+        trace: &Trace,
+    ) -> anyhow::Result<TraceId> {
+        let found = self
+            .cache_lookup(id, tier)
+            .ok_or_else(|| anyhow!("no longer cached"))?;
+        let candidate = found
+            .candidates
+            .iter()
+            .find(|c| &c.trace == trace)
+            .ok_or_else(|| anyhow!("no longer cached"))?;
+        let fetched = self.caches.fetch(id, candidate, &self.cas);
+        self.cache_warnings();
+        fetched.map_err(|e| anyhow!(e))?;
+        self.pool
+            .with(|client| Ok(client.record(key.clone(), trace.clone(), Vec::new())?))
     }
 }

@@ -148,6 +148,32 @@ pub trait World: Send + Sync + 'static {
     fn resolved(&self, thunk: &Resolved);
     /// A thunk starts executing.
     fn started(&self, key: &ThunkKey);
+    /// How many caches beyond the project's store there are (a shared directory, a remote),
+    /// asked in order for a thunk none of whose own traces holds.
+    fn cache_tiers(&self) -> usize {
+        0
+    }
+    /// What cache `tier` knows of thunk `id`: its key and the traces that may be used here
+    /// (each still to be decided). `None` when it knows nothing usable.
+    fn cached(&self, _id: &ThunkId, _tier: usize) -> Option<Known> {
+        None
+    }
+    /// How cache `tier` is named in reasons ("the shared cache /var/cache/cot").
+    fn cache_name(&self, _tier: usize) -> String {
+        String::new()
+    }
+    /// Makes a trace found by [`World::cached`], and found valid, the project's own: its
+    /// contents copied to the project's content store and verified, the trace recorded in its
+    /// store. An error means it cannot be used (the thunk is decided without it).
+    fn adopt_cached(
+        &self,
+        _id: &ThunkId,
+        _key: &ThunkKey,
+        _tier: usize,
+        _trace: &Trace,
+    ) -> anyhow::Result<TraceId> {
+        anyhow::bail!("no cache")
+    }
 }
 
 /// The running thunk's side of child requests.
@@ -531,6 +557,8 @@ struct Shared {
     ordered: HashSet<ThunkId>,
     /// Traces recorded in this build (a failed one may be reused within the build).
     fresh: HashSet<TraceId>,
+    /// Traces this build took from a cache beyond the project's store, with the cache's name.
+    from_cache: HashMap<TraceId, String>,
     restored: Vec<StorePath>,
     would_run: bool,
     /// The first path found changed since the last build (why the fast path was not taken).
@@ -1579,6 +1607,14 @@ impl<W: World> Inner<W> {
                         Ok(trace_id) => Decision::Valid(trace_id, trace),
                         Err(_) => Decision::Run(reason),
                     },
+                    // None of its own traces holds: a cache may have one that does.
+                    _ if !skip && self.options.mode == Mode::Build => {
+                        match self.from_caches(id, &key, &traces) {
+                            Ok(valid) => valid,
+                            Err(Some(why)) => Decision::Run(format!("{reason}; {why}")),
+                            Err(None) => Decision::Run(reason),
+                        }
+                    }
                     _ => Decision::Run(reason),
                 },
                 valid => valid,
@@ -1632,6 +1668,54 @@ impl<W: World> Inner<W> {
         }
     }
 
+    /// The first trace of a cache beyond the project's store (tier by tier) that holds for a
+    /// thunk none of whose own traces (`local`) does, made the project's own; else why the
+    /// first cache that had one did not do (`None`: no cache knows the thunk).
+    fn from_caches(
+        self: &Arc<Self>,
+        id: ThunkId,
+        key: &ThunkKey,
+        local: &[(TraceId, Trace)],
+    ) -> Result<Decision, Option<String>> {
+        let mut why = None;
+        for tier in 0..self.world.cache_tiers() {
+            let Some((_, found)) = self.world.cached(&id, tier) else {
+                continue;
+            };
+            let mut found: Vec<(TraceId, Trace)> = found
+                .into_iter()
+                .filter(|(trace_id, _)| !local.iter().any(|(own, _)| own == trace_id))
+                .collect();
+            // A valid trace whose contents cannot be had is dropped; the next one may do.
+            loop {
+                match self.decide(id, key, &mut found) {
+                    Decision::Valid(_, trace) => {
+                        if let Ok(trace_id) = self.world.adopt_cached(&id, key, tier, &trace) {
+                            let name = self.world.cache_name(tier);
+                            self.shared.lock().from_cache.insert(trace_id, name);
+                            return Ok(Decision::Valid(trace_id, trace));
+                        }
+                        why.get_or_insert_with(|| {
+                            format!(
+                                "the contents of {}'s trace could not be had",
+                                self.world.cache_name(tier)
+                            )
+                        });
+                    }
+                    Decision::Run(reason) => {
+                        if reason != "new" {
+                            why.get_or_insert_with(|| {
+                                format!("{}'s trace: {reason}", self.world.cache_name(tier))
+                            });
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Err(why)
+    }
+
     /// Loads a recorded child and resolves it, for its replayed parent.
     fn resolve_id(
         self: &Arc<Self>,
@@ -1644,6 +1728,14 @@ impl<W: World> Inner<W> {
             Ok(Some(((key, traces), complete))) => (key, (traces, complete)),
             // Skipped when it was requested (and so never recorded): skipped again.
             Ok(None) if call.skip_if_new => return Some(skipped_outcome(id)),
+            // A parent taken from a cache: its children are found there too (its key now,
+            // a trace when it is decided).
+            Ok(None) if self.options.mode == Mode::Build => {
+                let key = (0..self.world.cache_tiers())
+                    .find_map(|tier| self.world.cached(&id, tier))
+                    .map(|(key, _)| key)?;
+                (key, (Vec::new(), true))
+            }
             _ => return None,
         };
         let wait = {
@@ -1674,6 +1766,9 @@ impl<W: World> Inner<W> {
         materialize: bool,
         started: Duration,
     ) -> ChildOutcome {
+        // A result taken from a cache arrives in this checkout now, as if it had run here:
+        // its outputs are put on disk, not left for whoever needs them.
+        let materialize = materialize || self.shared.lock().from_cache.contains_key(&trace_id);
         self.apply(id, &trace);
         let mut writes: BTreeMap<StorePath, OutputState> = own_writes(&trace);
         if !trace.children.is_empty() {
@@ -1752,7 +1847,13 @@ impl<W: World> Inner<W> {
                 self.put_back(&output.path, &output.state);
             }
         }
-        let reason = format!("valid trace: {} inputs unchanged", trace.inputs.len());
+        let reason = match self.shared.lock().from_cache.get(&trace_id) {
+            Some(cache) => format!(
+                "valid trace from {cache}: {} inputs unchanged",
+                trace.inputs.len()
+            ),
+            None => format!("valid trace: {} inputs unchanged", trace.inputs.len()),
+        };
         let outcome = recorded_outcome(id, &trace, writes, None);
         self.finish_thunk(Resolved {
             id,

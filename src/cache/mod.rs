@@ -26,7 +26,6 @@ pub mod portable;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -98,16 +97,14 @@ pub struct Found {
     pub candidates: Vec<Candidate>,
 }
 
-/// Where warnings go (stderr, or a build's progress display).
-pub type Warn = Arc<dyn Fn(&str) + Send + Sync>;
-
 /// The caches of one cot process.
 pub struct Caches {
     dir: Option<SharedDir>,
     names: Names,
-    warn: Warn,
     /// Warnings given already, so each is given once.
     warned: Mutex<HashSet<String>>,
+    /// Warnings not yet shown (see [`Caches::take_warnings`]).
+    pending: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Caches {
@@ -124,17 +121,16 @@ impl Caches {
         Caches {
             dir: None,
             names: Names::default(),
-            warn: Arc::new(|_| {}),
             warned: Mutex::new(HashSet::new()),
+            pending: Mutex::new(Vec::new()),
         }
     }
 
     /// Opens the caches `options` names, for a checkout whose roots are `names`. A cache that
     /// cannot be opened is left out, with a warning.
-    pub fn open(options: &CacheOptions, names: &Names, warn: Warn) -> Caches {
+    pub fn open(options: &CacheOptions, names: &Names) -> Caches {
         let mut caches = Caches {
             names: names.clone(),
-            warn,
             ..Caches::none()
         };
         if let Some(root) = &options.dir {
@@ -248,10 +244,16 @@ impl Caches {
         }
     }
 
-    /// Gives a warning unless it was given already.
+    /// The warnings not shown yet, for the caller to show (on stderr, or above a build's
+    /// progress line).
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.pending.lock())
+    }
+
+    /// Queues a warning unless it was given already.
     fn warn_once(&self, message: String) {
         if self.warned.lock().insert(message.clone()) {
-            (self.warn)(&message);
+            self.pending.lock().push(message);
         }
     }
 }

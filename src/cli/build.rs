@@ -208,8 +208,9 @@ const VALUE_OPTIONS: [&str; 18] = [
 ];
 
 /// cot's options without a value.
-const FLAG_OPTIONS: [&str; 25] = [
+const FLAG_OPTIONS: [&str; 26] = [
     "--lint",
+    "--cache-read-only",
     "-k",
     "-n",
     "-q",
@@ -360,6 +361,25 @@ struct Config {
     allow: Vec<String>,
     #[serde(default)]
     lint: LintConfig,
+    #[serde(default)]
+    cache: CacheConfig,
+}
+
+/// `[cache]` in cot.toml: the caches beyond the project's store (`--cache`,
+/// `--cache-read-only`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The shared cache directory (relative to the project root, or absolute).
+    pub dir: Option<PathBuf>,
+    /// Never write to it.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// cot.toml's `[cache]` of the project at `root` (empty when there is no cot.toml).
+pub fn cache_config(root: &Path) -> Result<CacheConfig> {
+    Ok(load_config(root)?.cache)
 }
 
 /// `[lint]` in cot.toml.
@@ -454,7 +474,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
     let rootless = options.sandbox.rootless || !nix::unistd::geteuid().is_root();
     let memo_options = crate::engine::memo::MemoOptions {
         store: options.sandbox.store.clone(),
-        cache: options.sandbox.cache.clone(),
+        caches: options.sandbox.cache_options(&project_root)?,
         check: options.sandbox.check,
         no_cache: false,
         cache_failures: false,
@@ -470,6 +490,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         rootless,
         store,
         cas,
+        caches: memo_options.caches.clone(),
         check: options.sandbox.check,
         no_passthrough: options.sandbox.no_passthrough,
         jobs,
@@ -633,7 +654,7 @@ fn open_last_build(dir: Option<&Path>) -> Result<(PathBuf, ThunkKey, Arc<RealWor
     let config = load_config(&project_root)?;
     let memo_options = crate::engine::memo::MemoOptions {
         store: None,
-        cache: None,
+        caches: Default::default(),
         check: CheckMode::MtimeThenDigest,
         no_cache: false,
         cache_failures: false,
@@ -649,6 +670,7 @@ fn open_last_build(dir: Option<&Path>) -> Result<(PathBuf, ThunkKey, Arc<RealWor
         rootless: !nix::unistd::geteuid().is_root(),
         store,
         cas,
+        caches: Default::default(),
         check: CheckMode::MtimeThenDigest,
         no_passthrough: false,
         jobs: 1,

@@ -21,8 +21,8 @@ pub struct StoreArgs {
     /// The trace store directory [default: <project>/.cot/store]
     #[arg(long, value_name = "DIR", env = "COT_STORE")]
     store: Option<PathBuf>,
-    /// The content store directory [default: <project>/.cot/cas]
-    #[arg(long, value_name = "DIR")]
+    /// A cache shared with other checkouts (`cot gc` leaves it alone)
+    #[arg(long, value_name = "DIR", env = "COT_CACHE")]
     cache: Option<PathBuf>,
 }
 
@@ -31,7 +31,10 @@ impl StoreArgs {
         let cwd = std::env::current_dir().context("cannot read the working directory")?;
         let options = MemoOptions {
             store: self.store,
-            cache: self.cache,
+            caches: crate::cache::CacheOptions {
+                dir: self.cache,
+                ..Default::default()
+            },
             check: CheckMode::default(),
             no_cache: false,
             cache_failures: false,
@@ -64,8 +67,8 @@ pub struct QueryArgs {
     store: StoreArgs,
 }
 
-/// Drop traces unused for a while and content objects nothing refers to (a content store given
-/// with --cache, which other projects may share, is left alone)
+/// Drop traces unused for a while and content objects nothing refers to (a cache shared with
+/// other checkouts, --cache, is left alone)
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// Drop thunks not used for this long: a number with s, m, h or d (e.g. 30d, 12h, 0s)
@@ -343,10 +346,10 @@ pub fn gc(args: GcArgs) -> Result<u8> {
         "freed {} thunks ({} traces), {} file states, {} content objects ({} bytes)",
         report.thunks, report.traces, report.file_states, report.objects, report.bytes
     );
-    if report.shared_cas_kept {
+    if let Some(dir) = &report.shared_cache_kept {
         eprintln!(
-            "cot: the content store given with --cache may be shared by other projects; its \
-             objects were kept"
+            "cot: the shared cache {} was left alone: other checkouts may need it",
+            dir.display()
         );
     }
     Ok(0)

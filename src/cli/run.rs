@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::cache::CacheOptions;
 use crate::engine::env::{set_var, thunk_env, EnvRule};
 use crate::engine::hermetic::{self, ProjectView};
 use crate::engine::memo::{self, MemoOptions};
@@ -153,12 +154,31 @@ pub struct SandboxArgs {
     #[arg(long, value_name = "DIR", env = "COT_STORE")]
     pub store: Option<PathBuf>,
 
-    /// The content store directory, which several projects may share [default: <project>/.cot/cas]
-    #[arg(long, value_name = "DIR")]
+    /// A cache shared by the checkouts and users of this machine: a thunk none of whose own
+    /// traces holds is looked up there, and a thunk that runs is written there, so a second
+    /// checkout of the project (at another path, of another user) reuses the first's results
+    /// [default: `[cache] dir` in cot.toml]
+    #[arg(long, value_name = "DIR", env = "COT_CACHE")]
     pub cache: Option<PathBuf>,
+
+    /// Use the shared cache without writing to it (automatic when it is not writable)
+    #[arg(long)]
+    pub cache_read_only: bool,
 }
 
 impl SandboxArgs {
+    /// The caches to use: these options over cot.toml's `[cache]` of the project.
+    pub fn cache_options(&self, project_root: &std::path::Path) -> Result<CacheOptions> {
+        let config = crate::cli::build::cache_config(project_root)?;
+        Ok(CacheOptions {
+            dir: self
+                .cache
+                .clone()
+                .or_else(|| config.dir.map(|dir| project_root.join(dir))),
+            read_only: self.cache_read_only || config.read_only,
+        })
+    }
+
     /// Refuses what contradicts hermetic mode (`hermetic`: given here or in cot.toml).
     pub fn check_hermetic(&self, hermetic: bool) -> Result<()> {
         if hermetic && self.inherit_env {
@@ -209,6 +229,9 @@ pub fn run(args: RunArgs) -> Result<u8> {
         .map_err(anyhow::Error::msg)?;
     args.sandbox.check_hermetic(args.sandbox.hermetic)?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let caches = args
+        .sandbox
+        .cache_options(&crate::engine::project::find_root(&cwd))?;
     let rootless = args.sandbox.rootless || !nix::unistd::geteuid().is_root();
     let mut env = thunk_env(std::env::vars_os(), &rules, args.sandbox.inherit_env);
     // A hermetic thunk that is not the root of a build sees only what --allow names.
@@ -245,8 +268,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
         ..RunOptions::default()
     };
     let memo_options = MemoOptions {
+        caches,
         store: args.sandbox.store,
-        cache: args.sandbox.cache,
         check: args.sandbox.check,
         no_cache: args.no_cache,
         cache_failures: args.cache_failures,
@@ -312,6 +335,7 @@ fn nested(args: RunArgs) -> Result<u8> {
         (args.cache_failures, "--cache-failures"),
         (args.sandbox.store.is_some(), "--store"),
         (args.sandbox.cache.is_some(), "--cache"),
+        (args.sandbox.cache_read_only, "--cache-read-only"),
     ];
     if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
         anyhow::bail!(

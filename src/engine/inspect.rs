@@ -18,8 +18,8 @@ pub struct Project {
     pub paths: Paths,
     pub client: Client,
     pub cas_dir: PathBuf,
-    /// The content store is shared with other projects (`--cache DIR`).
-    pub shared_cas: bool,
+    /// A shared cache was named (`--cache DIR`): gc leaves it alone.
+    pub shared_cache: Option<PathBuf>,
 }
 
 impl Project {
@@ -30,7 +30,7 @@ impl Project {
             paths: Paths::new(&root),
             client: Client::connect(&store)?,
             cas_dir,
-            shared_cas: options.cache.is_some(),
+            shared_cache: options.caches.dir.clone(),
         })
     }
 
@@ -66,23 +66,19 @@ impl Project {
     }
 
     /// Drops thunks unused since `before_ns`, then content objects no kept trace refers to.
-    /// A content store shared with other projects is left alone: this project's store cannot
-    /// tell what the others still need.
+    /// A shared cache is left alone: this project's store cannot tell what the other
+    /// checkouts still need.
     pub fn gc(&mut self, before_ns: i64) -> Result<GcReport, Error> {
         let (thunks, traces, file_states) = self.client.gc(before_ns)?;
-        let cas = if self.shared_cas {
-            crate::cas::GcReport::default()
-        } else {
-            let keep = self.client.referenced_digests()?;
-            Cas::open(&self.cas_dir)?.gc(&keep)?
-        };
+        let keep = self.client.referenced_digests()?;
+        let cas = Cas::open(&self.cas_dir)?.gc(&keep)?;
         Ok(GcReport {
             thunks,
             traces,
             file_states,
             objects: cas.objects,
             bytes: cas.bytes,
-            shared_cas_kept: self.shared_cas,
+            shared_cache_kept: self.shared_cache.clone(),
         })
     }
 
@@ -141,6 +137,6 @@ pub struct GcReport {
     pub file_states: usize,
     pub objects: usize,
     pub bytes: u64,
-    /// The content store was shared (`--cache`) and was not collected.
-    pub shared_cas_kept: bool,
+    /// The shared cache named (`--cache`), which was not collected.
+    pub shared_cache_kept: Option<PathBuf>,
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cot_fusefs::{Access, AccessKind};
 
+use crate::cache::{CacheOptions, Caches};
 use crate::cas::Cas;
 use crate::server::Client;
 use crate::store::model::{
@@ -35,8 +36,8 @@ use crate::store::model::FileKind;
 pub struct MemoOptions {
     /// The trace store directory (`--store`, `COT_STORE`; default `<project>/.cot/store`).
     pub store: Option<PathBuf>,
-    /// The content store directory (`--cache`; default `<project>/.cot/cas`).
-    pub cache: Option<PathBuf>,
+    /// The caches beyond the project's store (`--cache`, `--remote`).
+    pub caches: CacheOptions,
     pub check: CheckMode,
     /// Always run (and still record).
     pub no_cache: bool,
@@ -87,12 +88,13 @@ impl FileStates for LazyStates<'_> {
     }
 }
 
-/// Where the store and the content store of a project are.
+/// Where the store and the content store of a project are. The content store is always the
+/// project's own (`.cot/cas`): a shared cache is a second level (see [`crate::cache`]).
 pub fn store_dirs(project_root: &Path, options: &MemoOptions) -> (PathBuf, PathBuf) {
     let state = project_root.join(super::project::STATE_DIR);
     (
         options.store.clone().unwrap_or_else(|| state.join("store")),
-        options.cache.clone().unwrap_or_else(|| state.join("cas")),
+        state.join("cas"),
     )
 }
 
@@ -133,15 +135,16 @@ pub fn run(
     let mut reason = "--no-cache".to_string();
     let mut hashes = 0;
     let mut decided_in = Duration::ZERO;
+    let mut caches = None;
     if !options.no_cache {
         let traces = client.traces(id)?;
         let lazy = LazyStates(std::cell::RefCell::new(&mut client));
         let observer = Observer::new(&paths, &binds, options.check, &lazy, &hidden);
         let decision = decide(&traces, &observer, options.cache_failures);
         decided_in = started.elapsed();
-        let hit = match decision {
+        let mut hit = match decision {
             Ok((trace_id, trace)) => match materialize(trace, &cas, &observer) {
-                Ok(restored) => Some((trace_id, trace, restored)),
+                Ok(restored) => Some((Some(trace_id), trace.clone(), restored, None)),
                 Err(e) => {
                     eprintln!("cot: {e}; running the command instead");
                     reason = format!("could not restore the outputs ({e})");
@@ -153,6 +156,11 @@ pub fn run(
                 None
             }
         };
+        if hit.is_none() && !options.caches.is_empty() {
+            let opened = Caches::open(&options.caches, paths.names());
+            hit = from_caches(&opened, id, &traces, &observer, &cas);
+            caches = Some(opened);
+        }
         hashes = observer.hashes();
         let learned = observer.take_learned();
         // The observer borrows the client (through `lazy`) until here.
@@ -160,13 +168,20 @@ pub fn run(
         if !learned.is_empty() {
             client.put_file_states(learned)?;
         }
-        if let Some((trace_id, trace, restored)) = hit {
-            replay(&cas, trace)?;
-            client.touch(id, trace_id, now_ns())?;
+        if let Some((trace_id, trace, restored, cache)) = hit {
+            replay(&cas, &trace)?;
+            match trace_id {
+                Some(trace_id) => client.touch(id, trace_id, now_ns())?,
+                // Taken from a cache: now the project's own.
+                None => {
+                    client.record(key, trace.clone(), Vec::new())?;
+                }
+            }
+            let from = cache.map_or(String::new(), |cache| format!(" from {cache}"));
             return Ok(MemoReport {
                 exit_code: trace.exit_code,
                 explanation: format!(
-                    "cached: {} inputs unchanged, restored {restored} outputs",
+                    "cached{from}: {} inputs unchanged, restored {restored} outputs",
                     trace.inputs.len()
                 ),
                 message: None,
@@ -179,18 +194,28 @@ pub fn run(
             });
         }
     }
+    // Nothing of a cache stays open while the sandbox is launched (it needs this process
+    // single-threaded); it is opened again to take the trace.
+    drop(caches);
 
     let ran = super::execute(thunk, run_options)?;
-    record_run(
+    let recorded = record_run(
         &ran,
         thunk,
-        key,
+        key.clone(),
         run_options,
         options.check,
         &mut client,
         &cas,
         None,
     )?;
+    if let Some((_, trace)) = recorded.filter(|(_, t)| t.exit_code == 0) {
+        if !options.caches.is_empty() {
+            let caches = Caches::open(&options.caches, paths.names());
+            caches.export(&key, &trace, &cas);
+            warn(&caches);
+        }
+    }
     let message = super::outcome_message(&ran.outcome);
     Ok(MemoReport {
         exit_code: ran.outcome.exit_code(),
@@ -203,6 +228,58 @@ pub fn run(
         hashes,
         decided_in,
     })
+}
+
+/// A trace from a cache that holds, with its contents in the project's content store and its
+/// outputs restored; `None` when no cache has one. The trace is not recorded yet.
+fn from_caches(
+    caches: &Caches,
+    id: crate::store::model::ThunkId,
+    local: &[(TraceId, Trace)],
+    observer: &Observer<'_>,
+    cas: &Cas,
+) -> Option<(Option<TraceId>, Trace, usize, Option<String>)> {
+    let mut hit = None;
+    for tier in caches.tiers() {
+        let Some(found) = caches.lookup(&id, tier) else {
+            continue;
+        };
+        let candidates: Vec<(TraceId, Trace)> = found
+            .candidates
+            .iter()
+            .map(|c| (crate::store::trace_id(&c.trace), c.trace.clone()))
+            .filter(|(trace_id, _)| !local.iter().any(|(own, _)| own == trace_id))
+            .collect();
+        let Ok((trace_id, trace)) = decide(&candidates, observer, false) else {
+            continue;
+        };
+        let Some(candidate) = found
+            .candidates
+            .iter()
+            .find(|c| crate::store::trace_id(&c.trace) == trace_id)
+        else {
+            continue;
+        };
+        if caches.fetch(&id, candidate, cas).is_err() {
+            continue;
+        }
+        match materialize(trace, cas, observer) {
+            Ok(restored) => {
+                hit = Some((None, trace.clone(), restored, Some(caches.describe(tier))));
+                break;
+            }
+            Err(e) => eprintln!("cot: {e}; running the command instead"),
+        }
+    }
+    warn(caches);
+    hit
+}
+
+/// Shows the caches' warnings on stderr.
+fn warn(caches: &Caches) {
+    for message in caches.take_warnings() {
+        eprintln!("cot: warning: {message}");
+    }
 }
 
 /// What a build adds to the trace of a thunk that ran: its child requests and the events of

@@ -586,11 +586,11 @@ fn clean_keeps_a_directory_that_holds_other_files() {
 }
 
 #[test]
-fn gc_keeps_a_content_store_shared_with_other_projects() {
+fn gc_leaves_a_cache_shared_with_other_checkouts_alone() {
     require_sandbox!();
     let _machine = machine_shared();
     let shared = tempfile::Builder::new()
-        .prefix("shared-cas-")
+        .prefix("shared-cache-")
         .tempdir_in("/var/tmp")
         .unwrap();
     let cache = shared.path().to_str().unwrap();
@@ -609,13 +609,13 @@ fn gc_keeps_a_content_store_shared_with_other_projects() {
     let run = mine
         .cot(&["gc", "--older-than", "0s", "--cache", cache])
         .ok();
-    assert!(run.stderr.contains("objects were kept"), "{}", run.stderr);
+    assert!(run.stderr.contains("was left alone"), "{}", run.stderr);
     assert_eq!(
         count(),
         before,
         "the other project's objects are still there"
     );
-    // The other project still restores from it.
+    // The other project still restores its own.
     std::fs::remove_file(theirs.root().join("out")).unwrap();
     let (run, ran) = theirs.explain(&["--cache", cache], "cp in out");
     assert!(!ran, "{}", run.describe());
