@@ -7,6 +7,7 @@ mod harness;
 
 mod autotools;
 mod build;
+mod cache;
 mod crash;
 mod hermetic;
 mod inspect;
