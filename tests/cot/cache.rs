@@ -167,7 +167,7 @@ impl Built {
     }
 
     /// How many thunks were taken from a cache (their reason says so).
-    pub fn from_cache(&self) -> usize {
+    pub fn cached(&self) -> usize {
         self.thunks
             .iter()
             .filter(|t| {
@@ -261,7 +261,7 @@ fn two_checkouts_of_a_project_share_a_cache_both_ways() {
     assert_ne!(first.root(), second.root());
     let built = build(second.root(), &["build", "--cache", cache.path()]).ok();
     assert!(built.ran().is_empty(), "{}", built.describe());
-    assert_eq!(built.from_cache(), 5, "{}", built.describe());
+    assert_eq!(built.cached(), 5, "{}", built.describe());
     assert_eq!(
         files_under(second.root(), &[]),
         files_under(first.root(), &[]),
@@ -272,7 +272,7 @@ fn two_checkouts_of_a_project_share_a_cache_both_ways() {
     // Now the second checkout's own: a rebuild there decides from its own store.
     let again = build(second.root(), &["build", "--cache", cache.path()]).ok();
     assert!(again.ran().is_empty(), "{}", again.describe());
-    assert_eq!(again.from_cache(), 0, "{}", again.describe());
+    assert_eq!(again.cached(), 0, "{}", again.describe());
 
     // An edit in the second checkout runs what it changes, and the first gets it back.
     second.write("util.h", "#define UNIT 30\n");
@@ -288,7 +288,7 @@ fn two_checkouts_of_a_project_share_a_cache_both_ways() {
     first.write("util.h", "#define UNIT 30\n");
     let built = build(first.root(), &["build", "--cache", cache.path()]).ok();
     assert!(built.ran().is_empty(), "{}", built.describe());
-    assert_eq!(built.from_cache(), 3, "{}", built.describe());
+    assert_eq!(built.cached(), 3, "{}", built.describe());
     let prog = Command::new(first.root().join("prog")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&prog.stdout), "91\n");
     cache.verify();
@@ -323,7 +323,7 @@ fn a_second_checkout_of_bzip2_runs_nothing() {
     let built = make(&second);
     assert!(built.ran().is_empty(), "{}", built.describe());
     assert_eq!(
-        built.from_cache(),
+        built.cached(),
         built.thunks.len(),
         "{}",
         built.describe()
