@@ -14,6 +14,7 @@ pub mod cache;
 pub mod cas;
 pub mod cli;
 pub mod engine;
+pub mod remote;
 pub mod server;
 pub mod store;
 pub mod trace;

@@ -24,13 +24,15 @@
 pub mod dir;
 pub mod portable;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::cas::Cas;
 use crate::engine::key::Names;
+use crate::remote::{self, Remote};
 use crate::store::model::{Digest, ThunkId, ThunkKey, Trace};
 use crate::store::{hex, thunk_id};
 
@@ -53,18 +55,25 @@ pub enum Error {
     Version { path: PathBuf, found: String },
 }
 
-/// Where caches are and how they may be used (`--cache`, `--cache-read-only`, cot.toml).
+/// Where caches are and how they may be used (`--cache`, `--cache-read-only`, `--remote`,
+/// `--remote-upload`, `--remote-timeout`, and cot.toml's `[cache]`).
 #[derive(Clone, Debug, Default)]
 pub struct CacheOptions {
     /// The shared cache directory.
     pub dir: Option<PathBuf>,
     /// Never write to the shared directory.
     pub read_only: bool,
+    /// The remote cache (`grpc://HOST:PORT[/INSTANCE]`).
+    pub remote: Option<String>,
+    /// Write to the remote cache too (off by default: see [`crate::remote`], "Trust").
+    pub remote_upload: bool,
+    /// The deadline of one call to the remote cache (default [`remote::DEFAULT_TIMEOUT`]).
+    pub remote_timeout: Option<Duration>,
 }
 
 impl CacheOptions {
     pub fn is_empty(&self) -> bool {
-        self.dir.is_none()
+        self.dir.is_none() && self.remote.is_none()
     }
 }
 
@@ -73,6 +82,8 @@ impl CacheOptions {
 pub enum Tier {
     /// The shared directory.
     Dir,
+    /// The remote cache.
+    Remote,
 }
 
 /// A trace a cache holds for a thunk, in this checkout's form.
@@ -87,6 +98,10 @@ pub struct Candidate {
 enum Source {
     /// A trace file of the shared directory, by its digest.
     Dir { entry: Digest },
+    /// The remote cache, with the REAPI blob of each content.
+    Remote {
+        blobs: HashMap<Digest, remote::Blob>,
+    },
 }
 
 /// What one tier knows of a thunk.
@@ -100,6 +115,8 @@ pub struct Found {
 /// The caches of one cot process.
 pub struct Caches {
     dir: Option<SharedDir>,
+    remote: Option<Remote>,
+    upload: bool,
     names: Names,
     /// Warnings given already, so each is given once.
     warned: Mutex<HashSet<String>>,
@@ -111,6 +128,7 @@ impl std::fmt::Debug for Caches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Caches")
             .field("dir", &self.dir)
+            .field("remote", &self.remote)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +138,8 @@ impl Caches {
     pub fn none() -> Caches {
         Caches {
             dir: None,
+            remote: None,
+            upload: false,
             names: Names::default(),
             warned: Mutex::new(HashSet::new()),
             pending: Mutex::new(Vec::new()),
@@ -142,6 +162,18 @@ impl Caches {
                 )),
             }
         }
+        if let Some(url) = &options.remote {
+            let timeout = options.remote_timeout.unwrap_or(remote::DEFAULT_TIMEOUT);
+            match Remote::new(url, timeout) {
+                Ok(remote) => {
+                    caches.remote = Some(remote);
+                    caches.upload = options.remote_upload;
+                }
+                Err(e) => caches.warn_once(format!(
+                    "cannot use the remote cache: {e}; building without it"
+                )),
+            }
+        }
         caches
     }
 
@@ -150,6 +182,9 @@ impl Caches {
         let mut tiers = Vec::new();
         if self.dir.is_some() {
             tiers.push(Tier::Dir);
+        }
+        if self.remote.is_some() {
+            tiers.push(Tier::Remote);
         }
         tiers
     }
@@ -165,6 +200,10 @@ impl Caches {
             Tier::Dir => match &self.dir {
                 Some(dir) => format!("the shared cache {}", dir.root().display()),
                 None => "the shared cache".into(),
+            },
+            Tier::Remote => match &self.remote {
+                Some(remote) => format!("the remote cache {}", remote.url()),
+                None => "the remote cache".into(),
             },
         }
     }
@@ -205,6 +244,42 @@ impl Caches {
                     candidates,
                 })
             }
+            Tier::Remote => {
+                let remote = self.remote.as_ref()?;
+                match remote.lookup(id) {
+                    Ok(found) => {
+                        let found = found?;
+                        let candidate = found.entry.local(&self.names).map(|trace| Candidate {
+                            trace,
+                            source: Source::Remote { blobs: found.blobs },
+                        });
+                        Some(Found {
+                            key: found.key,
+                            candidates: candidate.into_iter().collect(),
+                        })
+                    }
+                    Err(e) => {
+                        self.remote_failed(remote, &e, id);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Warns of a failed call to the remote cache: once for a server given up, once per
+    /// thunk for anything else.
+    fn remote_failed(&self, remote: &Remote, error: &remote::Error, id: &ThunkId) {
+        match remote.down() {
+            Some(why) => self.warn_once(format!(
+                "the remote cache {} is unreachable ({why}); building without it",
+                remote.url()
+            )),
+            None => self.warn_once(format!(
+                "the remote cache {} (thunk {}): {error}",
+                remote.url(),
+                &hex(id)[..12]
+            )),
         }
     }
 
@@ -221,6 +296,20 @@ impl Caches {
                 }
                 fetched.map_err(|e| format!("{}: {e}", self.describe(Tier::Dir)))
             }
+            Source::Remote { blobs } => {
+                let remote = self.remote.as_ref().ok_or("no remote cache")?;
+                let wanted: Option<Vec<(Digest, remote::Blob)>> = digests
+                    .iter()
+                    .map(|d| blobs.get(d).map(|blob| (*d, blob.clone())))
+                    .collect();
+                let wanted = wanted.ok_or_else(|| {
+                    format!("{}: a content has no blob", self.describe(Tier::Remote))
+                })?;
+                remote.fetch(&wanted, cas).map_err(|e| {
+                    self.remote_failed(remote, &e, id);
+                    format!("{}: {e}", self.describe(Tier::Remote))
+                })
+            }
         };
         if let Err(message) = &result {
             self.warn_once(format!("{message}; running the thunk instead"));
@@ -231,16 +320,29 @@ impl Caches {
     /// Writes a trace the project just recorded to every cache that takes writes. Failures
     /// are warnings.
     pub fn export(&self, key: &ThunkKey, trace: &Trace, cas: &Cas) {
-        let Some(dir) = self.dir.as_ref().filter(|d| d.writable()) else {
+        let dir = self.dir.as_ref().filter(|d| d.writable());
+        let remote = self
+            .remote
+            .as_ref()
+            .filter(|r| self.upload && r.down().is_none());
+        if dir.is_none() && remote.is_none() {
             return;
-        };
+        }
         let entry = Entry::new(trace, &self.names, cas);
-        if let Err(e) = dir.put(key, &entry, &portable::blobs(trace), cas) {
-            self.warn_once(format!(
-                "cannot write to {} (thunk {}): {e}",
-                self.describe(Tier::Dir),
-                &hex(&thunk_id(key))[..12]
-            ));
+        let id = thunk_id(key);
+        if let Some(dir) = dir {
+            if let Err(e) = dir.put(key, &entry, &portable::blobs(trace), cas) {
+                self.warn_once(format!(
+                    "cannot write to {} (thunk {}): {e}",
+                    self.describe(Tier::Dir),
+                    &hex(&id)[..12]
+                ));
+            }
+        }
+        if let Some(remote) = remote {
+            if let Err(e) = remote.upload(key, &entry, trace, cas) {
+                self.remote_failed(remote, &e, &id);
+            }
         }
     }
 

@@ -186,7 +186,9 @@ pub struct MakeArgs {
 
 /// cot's options that take a value, as `cot make` must know them to tell where make's
 /// arguments begin.
-const VALUE_OPTIONS: [&str; 18] = [
+const VALUE_OPTIONS: [&str; 20] = [
+    "--remote",
+    "--remote-timeout",
     "-j",
     "--lint",
     "--lint-format",
@@ -208,9 +210,10 @@ const VALUE_OPTIONS: [&str; 18] = [
 ];
 
 /// cot's options without a value.
-const FLAG_OPTIONS: [&str; 26] = [
+const FLAG_OPTIONS: [&str; 27] = [
     "--lint",
     "--cache-read-only",
+    "--remote-upload",
     "-k",
     "-n",
     "-q",
@@ -375,6 +378,13 @@ pub struct CacheConfig {
     /// Never write to it.
     #[serde(default)]
     pub read_only: bool,
+    /// The remote cache, `grpc://HOST:PORT[/INSTANCE]`.
+    pub remote: Option<String>,
+    /// Write to the remote cache too.
+    #[serde(default)]
+    pub remote_upload: bool,
+    /// The deadline of one call to the remote cache, in seconds.
+    pub remote_timeout: Option<f64>,
 }
 
 /// cot.toml's `[cache]` of the project at `root` (empty when there is no cot.toml).

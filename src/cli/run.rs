@@ -164,6 +164,22 @@ pub struct SandboxArgs {
     /// Use the shared cache without writing to it (automatic when it is not writable)
     #[arg(long)]
     pub cache_read_only: bool,
+
+    /// A remote cache speaking the Bazel Remote Execution API (ActionCache and CAS over
+    /// gRPC: bazel-remote, Buildbarn, BuildGrid), asked after the shared cache; results are
+    /// verified by digest before they are used [default: `[cache] remote` in cot.toml]
+    #[arg(long, value_name = "grpc://HOST:PORT[/INSTANCE]", env = "COT_REMOTE")]
+    pub remote: Option<String>,
+
+    /// Write the results of thunks that run to the remote cache too (off by default: a client
+    /// that writes to a team's cache must be trusted by the team)
+    #[arg(long)]
+    pub remote_upload: bool,
+
+    /// Give up a remote cache that does not answer a call within SECONDS, and build without
+    /// it [default: 10]
+    #[arg(long, value_name = "SECONDS")]
+    pub remote_timeout: Option<f64>,
 }
 
 impl SandboxArgs {
@@ -176,6 +192,13 @@ impl SandboxArgs {
                 .clone()
                 .or_else(|| config.dir.map(|dir| project_root.join(dir))),
             read_only: self.cache_read_only || config.read_only,
+            remote: self.remote.clone().or(config.remote),
+            remote_upload: self.remote_upload || config.remote_upload,
+            remote_timeout: self
+                .remote_timeout
+                .or(config.remote_timeout)
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(std::time::Duration::from_secs_f64),
         })
     }
 
@@ -336,6 +359,9 @@ fn nested(args: RunArgs) -> Result<u8> {
         (args.sandbox.store.is_some(), "--store"),
         (args.sandbox.cache.is_some(), "--cache"),
         (args.sandbox.cache_read_only, "--cache-read-only"),
+        (args.sandbox.remote.is_some(), "--remote"),
+        (args.sandbox.remote_upload, "--remote-upload"),
+        (args.sandbox.remote_timeout.is_some(), "--remote-timeout"),
     ];
     if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
         anyhow::bail!(

@@ -322,12 +322,7 @@ fn a_second_checkout_of_bzip2_runs_nothing() {
     let second = checkout();
     let built = make(&second);
     assert!(built.ran().is_empty(), "{}", built.describe());
-    assert_eq!(
-        built.cached(),
-        built.thunks.len(),
-        "{}",
-        built.describe()
-    );
+    assert_eq!(built.cached(), built.thunks.len(), "{}", built.describe());
     let (a, b) = (
         files_under(&first.root().join("bzip2"), &[]),
         files_under(&second.root().join("bzip2"), &[]),
