@@ -1,5 +1,6 @@
 //! Caches beyond the project's store: a cache directory shared by checkouts and users
-//! (`--cache DIR`), and (in `remote.rs`) a remote cache speaking the Remote Execution API.
+//! (`--cache DIR`), and (in `remote.rs`) a remote cache speaking the Remote Execution API,
+//! against a real BuildGrid server.
 //!
 //! Every checkout here is a project at its own path, built by the same copy of cot
 //! (`shared_cot_bin`, whose path is in make's keys) with the same `PATH`, so that what differs
@@ -16,6 +17,8 @@ use serde_json::Value;
 
 use crate::harness::{chown_tree, machine_shared, shared_cot_bin, test_user, Project, Run};
 use crate::require_sandbox;
+
+mod remote;
 
 /// The `PATH` of every build here: the same for root and the test user, and readable by both.
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
