@@ -61,6 +61,11 @@ struct Fake {
     /// A file-change counter standing in for the stat tuple.
     versions: Mutex<HashMap<String, u64>>,
     clock: Mutex<u64>,
+    /// A cache beyond the store (a shared directory, a remote): thunks and contents.
+    cache: Mutex<HashMap<ThunkId, Known>>,
+    cache_cas: Mutex<HashMap<Digest, String>>,
+    /// The cache's contents cannot be had (adoption fails).
+    cache_broken: Mutex<bool>,
 }
 
 impl Fake {
@@ -383,6 +388,62 @@ impl World for Arc<Fake> {
     fn resolved(&self, _thunk: &Resolved) {}
 
     fn started(&self, _key: &ThunkKey) {}
+
+    fn cache_tiers(&self) -> usize {
+        usize::from(!self.cache.lock().is_empty())
+    }
+
+    fn cached(&self, id: &ThunkId, tier: usize) -> Option<Known> {
+        assert_eq!(tier, 0);
+        self.cache.lock().get(id).cloned()
+    }
+
+    fn cache_name(&self, _tier: usize) -> String {
+        "the fake cache".into()
+    }
+
+    fn adopt_cached(
+        &self,
+        id: &ThunkId,
+        key: &ThunkKey,
+        _tier: usize,
+        trace: &Trace,
+    ) -> anyhow::Result<TraceId> {
+        if *self.cache_broken.lock() {
+            anyhow::bail!("the contents cannot be had");
+        }
+        for output in &trace.outputs {
+            if let OutputState::File { digest, .. } = &output.state {
+                let content = self.cache_cas.lock().get(digest).cloned();
+                self.cas
+                    .lock()
+                    .insert(*digest, content.expect("the cache has it"));
+            }
+        }
+        let trace_id = trace_id(trace);
+        let mut thunks = self.thunks.lock();
+        let entry = thunks
+            .entry(*id)
+            .or_insert_with(|| (key.clone(), Vec::new()));
+        entry.1.insert(0, (trace_id, trace.clone()));
+        Ok(trace_id)
+    }
+}
+
+impl Fake {
+    /// A second checkout of `first`'s project: the same sources and scripts, nothing built,
+    /// an empty store, and `first`'s traces and contents in its cache.
+    fn second_checkout(first: &Arc<Fake>, sources: &[&str]) -> Arc<Fake> {
+        let second = Arc::new(Fake::default());
+        for (p, content) in first.files.lock().iter() {
+            if p.starts_with("scripts/") || sources.contains(&p.as_str()) {
+                second.set(p, content);
+            }
+        }
+        *second.cache.lock() = first.thunks.lock().clone();
+        *second.cache_cas.lock() = first.cas.lock().clone();
+        second
+    }
 }
 
 fn key_for(name: &str) -> ThunkKey {
@@ -543,6 +604,64 @@ fn yacc_outputs_are_clean(fake: &Arc<Fake>) {
             "{p} differs from a clean build's"
         );
     }
+}
+
+#[test]
+fn a_second_checkout_takes_every_thunk_from_the_cache_and_leaves_a_clean_builds_files() {
+    let first = yacc();
+    let second = Fake::second_checkout(&first, &["parse.y", "main.c"]);
+    let report = build(&second, "run prog");
+    assert_eq!(report.exit_code, 0);
+    assert!(report.ran.is_empty(), "{:?}", report.ran);
+    for (command, reason) in &report.reasons {
+        assert!(
+            reason.contains("from the fake cache"),
+            "{command}: {reason}"
+        );
+    }
+    // Intermediates too: a result from a cache arrives as if it ran here.
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+    yacc_outputs_are_clean(&second);
+    // Now its own: the next build decides from the record, the cache unasked.
+    let again = build(&second, "run prog");
+    assert!(again.unchanged && again.ran.is_empty());
+}
+
+#[test]
+fn a_second_checkout_with_an_edit_runs_what_it_changes_and_takes_the_rest() {
+    let first = yacc();
+    let second = Fake::second_checkout(&first, &["parse.y", "main.c"]);
+    second.set("main.c", "7");
+    let report = build(&second, "run prog");
+    assert_eq!(
+        sorted(&report.ran),
+        set_of(&["cc main", "ld"]),
+        "{:?}",
+        report.reasons
+    );
+    // The root is replayed from the cache, its children decided there one by one.
+    assert!(report.reasons["run prog"].contains("from the fake cache"));
+    assert!(report.reasons["yacc"].contains("from the fake cache"));
+    assert!(
+        report.reasons["cc main"].contains("the fake cache's trace: main.c changed"),
+        "{}",
+        report.reasons["cc main"]
+    );
+    yacc_outputs_are_clean(&second);
+}
+
+#[test]
+fn a_cache_whose_contents_cannot_be_had_costs_runs_not_results() {
+    let first = yacc();
+    let second = Fake::second_checkout(&first, &["parse.y", "main.c"]);
+    *second.cache_broken.lock() = true;
+    let report = build(&second, "run prog");
+    assert_eq!(report.exit_code, 0);
+    assert_eq!(
+        sorted(&report.ran),
+        set_of(&["run prog", "yacc", "cc main", "cc parse", "ld"])
+    );
+    yacc_outputs_are_clean(&second);
 }
 
 #[test]
