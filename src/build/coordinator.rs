@@ -139,6 +139,10 @@ pub struct RealWorld {
     /// looked up once per build and cache).
     caches: Caches,
     cached: Mutex<HashMap<(ThunkId, usize), Option<Found>>>,
+    /// The traces of thunks that ran, on their way to the caches (written by a thread of
+    /// their own, off the build's critical path; see [`RealWorld::finish_exports`]).
+    exports: Mutex<Option<std::sync::mpsc::Sender<(ThunkKey, Trace)>>>,
+    exporter: Mutex<Option<std::thread::JoinHandle<()>>>,
     exe: PathBuf,
     progress: Progress,
     /// Worker processes running, to forward a termination signal to.
@@ -173,6 +177,8 @@ impl RealWorld {
             stats,
             caches,
             cached: Mutex::new(HashMap::new()),
+            exports: Mutex::new(None),
+            exporter: Mutex::new(None),
             pool: Pool {
                 store: settings.store.clone(),
                 clients: Mutex::new(Vec::new()),
@@ -226,6 +232,35 @@ impl RealWorld {
     fn cache_warnings(&self) {
         for message in self.caches.take_warnings() {
             self.progress.println(&format!("cot: warning: {message}"));
+        }
+    }
+
+    /// Writes a thunk's trace to the caches that take writes, on the exporting thread
+    /// (started on first use).
+    fn export(self: &std::sync::Arc<Self>, key: &ThunkKey, trace: &Trace) {
+        let mut exports = self.exports.lock();
+        if exports.is_none() {
+            let (sender, receiver) = std::sync::mpsc::channel::<(ThunkKey, Trace)>();
+            let world = std::sync::Arc::clone(self);
+            *self.exporter.lock() = Some(std::thread::spawn(move || {
+                for (key, trace) in receiver {
+                    world.caches.export(&key, &trace, &world.cas);
+                    world.cache_warnings();
+                }
+            }));
+            *exports = Some(sender);
+        }
+        if let Some(sender) = exports.as_ref() {
+            let _ = sender.send((key.clone(), trace.clone()));
+        }
+    }
+
+    /// Waits until every trace on its way to the caches is written. Called once the build
+    /// is over.
+    pub fn finish_exports(&self) {
+        drop(self.exports.lock().take());
+        if let Some(exporter) = self.exporter.lock().take() {
+            let _ = exporter.join();
         }
     }
 
@@ -625,8 +660,7 @@ impl World for std::sync::Arc<RealWorld> {
                         if let Some((_, trace)) = recorded.as_ref().filter(|(_, t)| {
                             t.exit_code == 0 && !interrupted && !self.caches.is_empty()
                         }) {
-                            self.caches.export(key, trace, &self.cas);
-                            self.cache_warnings();
+                            self.export(key, trace);
                         }
                         return Ok(match recorded {
                             Some((trace_id, trace)) => Executed {

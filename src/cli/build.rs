@@ -576,7 +576,10 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         });
     }
     let build = Build::new(world.clone(), engine_options);
-    let outcome = build.run(key.clone())?;
+    let outcome = build.run(key.clone());
+    // What ran is in the caches before the build ends, whatever its outcome.
+    world.finish_exports();
+    let outcome = outcome?;
     world.progress().done();
 
     if options.dry_run || options.explain {
