@@ -141,7 +141,9 @@ nobody else (its products) or when a thunk that runs needs them; otherwise they 
 damaged. Outputs of thunks that are no longer requested are deleted at the end (--keep-stale \
 keeps them).\n\n\
 Defaults can be set in cot.toml at the project root: jobs, hide, writable, env, ignore, \
-hermetic (true or false), allow, and [lint] ignore.\n\n\
+hermetic (true or false), allow, [lint] ignore, and [cache] dir, read_only, remote, \
+remote_upload, remote_timeout (the caches shared with other checkouts: --cache, \
+--cache-read-only, --remote, --remote-upload, --remote-timeout).\n\n\
 With --hermetic (or `hermetic = true`) the script sees the whole project, and each child thunk \
 only the project's directories and the files --allow names (see `cot run --help`).\n\n\
 Exit status: 0 success; 1 a thunk failed (or, with -q, something would run); 2 usage error; \
@@ -971,6 +973,23 @@ mod tests {
             ])
         );
         assert_eq!(theirs, words(&["all", "--allow"]));
+    }
+
+    #[test]
+    fn cot_toml_names_the_caches() {
+        let config: Config = toml::from_str(
+            "jobs = 2\n[cache]\ndir = \"../cache\"\nread_only = true\n\
+             remote = \"grpc://127.0.0.1:9092\"\nremote_upload = true\nremote_timeout = 2.5\n",
+        )
+        .unwrap();
+        assert_eq!(config.cache.dir.as_deref(), Some(Path::new("../cache")));
+        assert!(config.cache.read_only && config.cache.remote_upload);
+        assert_eq!(
+            config.cache.remote.as_deref(),
+            Some("grpc://127.0.0.1:9092")
+        );
+        assert_eq!(config.cache.remote_timeout, Some(2.5));
+        assert!(toml::from_str::<Config>("[cache]\nremote-upload = true\n").is_err());
     }
 
     #[test]
