@@ -1059,8 +1059,11 @@ impl<W: World> Inner<W> {
         let mut writers: HashMap<&StorePath, Vec<ThunkId>> = HashMap::new();
         for (thunk, (key, traces), _) in &loaded {
             if let Some((_, trace)) = traces.iter().find(|(id, _)| *id == thunk.trace) {
+                // Files and links, not directories: a directory is made by whichever step gets
+                // there first (libtool's `.libs`), and waiting for the one that did last time
+                // can mean waiting for a later pass of the build that waits for this thunk.
                 for output in &trace.outputs {
-                    if output.state != OutputState::Deleted {
+                    if !matches!(output.state, OutputState::Deleted | OutputState::Dir { .. }) {
                         writers.entry(&output.path).or_default().push(thunk.id);
                     }
                 }
