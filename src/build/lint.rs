@@ -320,6 +320,12 @@ pub fn lint(thunks: &[LintThunk], cx: &LintContext<'_>) -> Vec<Finding> {
                                 build.party(r),
                                 build.party(w)
                             )
+                        } else if matches!(observed, Observed::Absent) {
+                            format!(
+                                "{} looked for {shown}, which {}, ordered after it, makes",
+                                build.party(r),
+                                build.party(w)
+                            )
                         } else {
                             format!(
                                 "{} read {shown} as an earlier build left it, then {} \
