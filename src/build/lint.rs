@@ -268,17 +268,18 @@ pub fn lint(thunks: &[LintThunk], cx: &LintContext<'_>) -> Vec<Finding> {
             for &(b, _) in &path_writers[i + 1..] {
                 if a != b && !build.ordered(a, b) {
                     raced.extend([a, b]);
-                    findings.add(
-                        Kind::Race,
-                        &shown,
-                        build.party(a),
-                        Some(build.party(b)),
-                        format!(
-                            "{} and {} both write {shown}, and nothing orders them",
-                            build.party(a),
-                            build.party(b)
-                        ),
-                    );
+                    // Named in a fixed order, whichever ran first.
+                    let (first, second) = {
+                        let (pa, pb) = (build.party(a), build.party(b));
+                        if pa <= pb {
+                            (pa, pb)
+                        } else {
+                            (pb, pa)
+                        }
+                    };
+                    let message =
+                        format!("{first} and {second} both write {shown}, and nothing orders them");
+                    findings.add(Kind::Race, &shown, first, Some(second), message);
                 }
             }
         }
