@@ -425,7 +425,7 @@ pub fn uninstall(args: UninstallArgs) -> Result<u8> {
     let db = args.db.open()?;
     let _lock = db.lock()?;
     let package = db.installed(&args.name)?;
-    let plan = apply::plan_remove(&package, args.force)?;
+    let plan = apply::plan_remove(&db.packages()?, &package, args.force)?;
     if !plan.kept.is_empty() {
         eprintln!(
             "cot: cannot remove {}: {} file{} changed since the install, nothing was removed:",

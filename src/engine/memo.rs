@@ -318,7 +318,7 @@ pub fn record_run(
     let outputs = if commits {
         let committed: Vec<PathBuf> = output_paths
             .iter()
-            .filter(|p| !run_options.capture.iter().any(|c| p.starts_with(c)))
+            .filter(|p| !captures(&run_options.capture, p))
             .cloned()
             .collect();
         let mut outputs = outputs(&committed, &ran.accesses, &paths, &binds, cas)?;
@@ -339,10 +339,7 @@ pub fn record_run(
     // Captured outputs are not on disk: whatever is at their paths is not what they hold.
     let on_disk: Vec<Output> = outputs
         .iter()
-        .filter(|o| {
-            let view = paths.to_view(&o.path);
-            !run_options.capture.iter().any(|c| view.starts_with(c))
-        })
+        .filter(|o| !captures(&run_options.capture, &paths.to_view(&o.path)))
         .cloned()
         .collect();
     files.extend(output_states(&on_disk, &paths, &binds));
@@ -446,6 +443,15 @@ pub fn check_input(input: &Input, trace: &Trace, observer: &Observer<'_>) -> Opt
         .map(|change| change.to_string())
 }
 
+/// Whether the output at `view` is one the caller puts in place (see
+/// [`RunOptions::capture`]): under a captured path, or a directory on the way to one (made
+/// by the thunk to reach a missing path).
+fn captures(capture: &[PathBuf], view: &Path) -> bool {
+    capture
+        .iter()
+        .any(|c| view.starts_with(c) || c.starts_with(view))
+}
+
 /// What a thunk left under the `capture` roots, read from its layer before the commit: its
 /// files stored in the content store, in the trace's output form; a real entry it deleted
 /// there is a deletion. A write where the thunk could write to make a missing root (see
@@ -481,10 +487,8 @@ fn captured_outputs(
                 ),
             });
         }
+        // Entries outside the root are the directories the thunk made on the way to it.
         for (view, layer_file) in changes.upper {
-            if !view.starts_with(root) {
-                continue;
-            }
             let meta = fs::symlink_metadata(&layer_file).map_err(|e| io_error(&layer_file, e))?;
             let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
             let state = match file_kind(&meta) {
@@ -507,7 +511,7 @@ fn captured_outputs(
                 state,
             });
         }
-        for view in changes.deleted.into_iter().filter(|v| v.starts_with(root)) {
+        for view in changes.deleted {
             outputs.push(Output {
                 path: paths.to_store(&view),
                 state: OutputState::Deleted,
@@ -526,10 +530,7 @@ fn materialize(
     observer: &Observer<'_>,
     captured: &[PathBuf],
 ) -> Result<usize, Error> {
-    let is_captured = |output: &Output| {
-        let view = observer.paths.to_view(&output.path);
-        captured.iter().any(|c| view.starts_with(c))
-    };
+    let is_captured = |output: &Output| captures(captured, &observer.paths.to_view(&output.path));
     for output in trace.outputs.iter().filter(|o| is_captured(o)) {
         if let OutputState::File { digest, .. } = &output.state {
             if !cas.contains(digest) {

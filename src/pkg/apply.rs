@@ -387,8 +387,14 @@ pub struct RemovePlan {
 }
 
 /// Plans removing `package`: its files that are as installed (all of them with `force`), then
-/// the directories it made that are left empty. Reads only.
-pub fn plan_remove(package: &Package, force: bool) -> Result<RemovePlan, Error> {
+/// the directories it made that are left empty. A directory it made that holds entries of
+/// other packages passes to the first of them (by name), which removes it when it goes in
+/// turn. Reads only; `packages` are all the installed ones.
+pub fn plan_remove(
+    packages: &[Package],
+    package: &Package,
+    force: bool,
+) -> Result<RemovePlan, Error> {
     let mut remove = Vec::new();
     let mut kept = Vec::new();
     for entry in package.files() {
@@ -406,7 +412,32 @@ pub fn plan_remove(package: &Package, force: bool) -> Result<RemovePlan, Error> 
             other => kept.push((real, other.describe(entry))),
         }
     }
-    let mut rmdirs = package.created_dirs.clone();
+    let mut rmdirs = Vec::new();
+    let mut heirs: BTreeMap<String, Package> = BTreeMap::new();
+    for dir in &package.created_dirs {
+        let dir_path = path_of(dir);
+        let heir = packages
+            .iter()
+            .filter(|p| p.name != package.name)
+            .find(|p| {
+                p.manifest.iter().any(|e| {
+                    let real = p.real(e);
+                    real != dir_path && real.starts_with(dir_path)
+                })
+            });
+        match heir {
+            Some(heir) => {
+                let heir = heirs
+                    .entry(heir.name.clone())
+                    .or_insert_with(|| heir.clone());
+                if !heir.created_dirs.contains(dir) {
+                    heir.created_dirs.push(dir.clone());
+                    heir.created_dirs.sort();
+                }
+            }
+            None => rmdirs.push(dir.clone()),
+        }
+    }
     rmdirs.sort_by_key(|d| std::cmp::Reverse(path_of(d).components().count()));
     let files = remove.len();
     Ok(RemovePlan {
@@ -418,7 +449,7 @@ pub fn plan_remove(package: &Package, force: bool) -> Result<RemovePlan, Error> 
             place: Vec::new(),
             remove,
             rmdirs,
-            records: Vec::new(),
+            records: heirs.into_values().collect(),
             drop_records: vec![package.name.clone()],
         },
         kept,
