@@ -778,10 +778,8 @@ fn wanted_files_are_materialized_without_running_anything() {
          $cot run -- sh -c 'cat obj/a.o > prog'\n",
         cot.display()
     );
-    for p in [&a] {
-        p.write("Cotfile", &cotfile);
-        fs::set_permissions(p.root().join("Cotfile"), fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    a.write("Cotfile", &cotfile);
+    fs::set_permissions(a.root().join("Cotfile"), fs::Permissions::from_mode(0o755)).unwrap();
     let store = a.root().join(".cot/store");
     let cas = a.root().join(".cot/cas");
     let build = |p: &Project, extra: &[&str]| {
@@ -828,6 +826,11 @@ fn wanted_files_are_materialized_without_running_anything() {
     fs::set_permissions(b.root().join("Cotfile"), fs::Permissions::from_mode(0o755)).unwrap();
     let run = build(&b, &["--want", "obj/a.o"]);
     assert_eq!(run.status, 0, "{}", run.describe());
+    assert!(
+        !run.stderr.contains("damaged"),
+        "obj, on the way to obj/a.o, is wanted too:\n{}",
+        run.describe()
+    );
     assert_eq!(
         b.read("obj/a.o").as_deref(),
         Some("compiled\n"),
@@ -836,6 +839,27 @@ fn wanted_files_are_materialized_without_running_anything() {
     );
     assert_eq!(
         b.read("prog").as_deref(),
+        Some("compiled\n"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        !run.stderr.contains(": ran"),
+        "nothing ran:\n{}",
+        run.describe()
+    );
+
+    // A wanted directory: everything under it.
+    let c = Project::new();
+    c.write("Cotfile", &cotfile);
+    fs::set_permissions(c.root().join("Cotfile"), fs::Permissions::from_mode(0o755)).unwrap();
+    let run = build(&c, &[]);
+    assert_eq!(run.status, 0, "{}", run.describe());
+    assert!(!c.exists("obj"), "never materialized:\n{}", run.describe());
+    let run = build(&c, &["--want", "obj"]);
+    assert_eq!(run.status, 0, "{}", run.describe());
+    assert_eq!(
+        c.read("obj/a.o").as_deref(),
         Some("compiled\n"),
         "{}",
         run.describe()
