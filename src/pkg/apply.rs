@@ -516,6 +516,17 @@ pub fn apply(db: &Db, mut journal: Journal) -> Result<(), Error> {
     finish(db, &journal)
 }
 
+/// For tests: a change applied up to its commit point, as a cot killed right after it
+/// leaves it.
+#[cfg(test)]
+pub(crate) fn stage_and_commit(db: &Db, mut journal: Journal) -> Result<(), Error> {
+    let path = db.journal_path(&journal.package);
+    db.write_atomic(&path, &db::encode(JOURNAL_MAGIC, &journal))?;
+    stage(db, &journal)?;
+    journal.committed = true;
+    db.write_atomic(&path, &db::encode(JOURNAL_MAGIC, &journal))
+}
+
 /// Step 2: the directories, and every file and symlink under its staged name.
 fn stage(db: &Db, journal: &Journal) -> Result<(), Error> {
     let cas = db.cas()?;
