@@ -268,17 +268,19 @@ pub fn lint(thunks: &[LintThunk], cx: &LintContext<'_>) -> Vec<Finding> {
             for &(b, _) in &path_writers[i + 1..] {
                 if a != b && !build.ordered(a, b) {
                     raced.extend([a, b]);
-                    findings.add(
-                        Kind::Race,
-                        &shown,
-                        build.party(a),
-                        Some(build.party(b)),
-                        format!(
-                            "{} and {} both write {shown}, and nothing orders them",
-                            build.party(a),
-                            build.party(b)
-                        ),
-                    );
+                    // Nothing orders the two, so neither is first: named in a stable order,
+                    // not in the order this run happened to request them.
+                    let (first, second) = {
+                        let (a, b) = (build.party(a), build.party(b));
+                        if b < a {
+                            (b, a)
+                        } else {
+                            (a, b)
+                        }
+                    };
+                    let message =
+                        format!("{first} and {second} both write {shown}, and nothing orders them");
+                    findings.add(Kind::Race, &shown, first, Some(second), message);
                 }
             }
         }
