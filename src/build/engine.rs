@@ -277,7 +277,8 @@ pub struct Options {
     pub skip: Option<GlobSet>,
     /// Outputs of stale thunks stay (`--keep-stale`).
     pub keep_stale: bool,
-    /// Outputs restored when damaged even if no thunk reads them (`--want`).
+    /// Outputs restored when damaged or missing even if no thunk reads them (`--want`): each
+    /// path, everything under it, and the directories on the way to it.
     pub want: Vec<StorePath>,
     /// List every thunk even when nothing changed (for reports and `--explain`).
     pub detail: bool,
@@ -2301,7 +2302,7 @@ impl<W: World> Inner<W> {
             if holds {
                 continue;
             }
-            let wanted = !read.contains(path) || self.options.want.contains(path);
+            let wanted = !read.contains(path) || self.options.want.iter().any(|w| wants(w, path));
             if wanted && !dry && !interrupted {
                 match self.world.restore(path, state) {
                     Ok(()) => {
@@ -2746,4 +2747,20 @@ pub fn display_path(path: &StorePath) -> String {
         StorePath::Project(p) if p.is_empty() => ".".into(),
         StorePath::Project(p) | StorePath::Absolute(p) => String::from_utf8_lossy(p).into_owned(),
     }
+}
+
+/// Whether `--want want` asks for the output at `path`: the path itself, what lies under it
+/// (a wanted directory), or a directory on the way to it.
+pub(crate) fn wants(want: &StorePath, path: &StorePath) -> bool {
+    let ((StorePath::Project(w), StorePath::Project(p))
+    | (StorePath::Absolute(w), StorePath::Absolute(p))) = (want, path)
+    else {
+        return false;
+    };
+    let under = |inner: &[u8], outer: &[u8]| {
+        outer.is_empty()
+            || inner == outer
+            || inner.starts_with(outer) && inner.get(outer.len()) == Some(&b'/')
+    };
+    under(p, w) || under(w, p)
 }

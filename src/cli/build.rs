@@ -89,7 +89,9 @@ pub struct BuildOptions {
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
 
-    /// Restore PATH when it is damaged, even if no thunk that runs needs it (repeatable)
+    /// Restore PATH from the content store when it is damaged or missing (never materialized,
+    /// as in a fresh checkout sharing the stores), even if no thunk that runs needs it; a
+    /// directory with everything under it, and the directories on the way (repeatable)
     #[arg(long, value_name = "PATH")]
     want: Vec<PathBuf>,
 

@@ -62,6 +62,10 @@ pub struct MemoReport {
     /// From the start to the decision (connecting to the store, reading the traces, checking
     /// every input), before any output is restored.
     pub decided_in: Duration,
+    /// The thunk's key, and the trace it ended with (the one reused, or the one recorded;
+    /// `None` when the run was interrupted).
+    pub key: crate::store::model::ThunkKey,
+    pub trace: Option<(TraceId, Trace)>,
 }
 
 /// Now, in nanoseconds since the Unix epoch, as traces and records keep it.
@@ -140,14 +144,16 @@ pub fn run(
         let decision = decide(&traces, &observer, options.cache_failures);
         decided_in = started.elapsed();
         let hit = match decision {
-            Ok((trace_id, trace)) => match materialize(trace, &cas, &observer) {
-                Ok(restored) => Some((trace_id, trace, restored)),
-                Err(e) => {
-                    eprintln!("cot: {e}; running the command instead");
-                    reason = format!("could not restore the outputs ({e})");
-                    None
+            Ok((trace_id, trace)) => {
+                match materialize(trace, &cas, &observer, &run_options.capture) {
+                    Ok(restored) => Some((trace_id, trace, restored)),
+                    Err(e) => {
+                        eprintln!("cot: {e}; running the command instead");
+                        reason = format!("could not restore the outputs ({e})");
+                        None
+                    }
                 }
-            },
+            }
             Err(why) => {
                 reason = why;
                 None
@@ -163,6 +169,7 @@ pub fn run(
         if let Some((trace_id, trace, restored)) = hit {
             replay(&cas, trace)?;
             client.touch(id, trace_id, now_ns())?;
+            let trace = trace.clone();
             return Ok(MemoReport {
                 exit_code: trace.exit_code,
                 explanation: format!(
@@ -176,15 +183,17 @@ pub fn run(
                 duration: started.elapsed(),
                 hashes,
                 decided_in,
+                key,
+                trace: Some((trace_id, trace)),
             });
         }
     }
 
     let ran = super::execute(thunk, run_options)?;
-    record_run(
+    let recorded = record_run(
         &ran,
         thunk,
-        key,
+        key.clone(),
         run_options,
         options.check,
         &mut client,
@@ -202,6 +211,8 @@ pub fn run(
         duration: started.elapsed(),
         hashes,
         decided_in,
+        key,
+        trace: recorded,
     })
 }
 
@@ -281,13 +292,39 @@ pub fn record_run(
         }
     }
     let commits = ran.commits(run_options);
-    if commits {
+    let captured = if commits {
+        match captured_outputs(ran, &run_options.capture, &paths, cas) {
+            Ok(captured) => captured,
+            Err(e) => {
+                ran.discard()?;
+                return Err(e);
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    if !commits {
+        ran.discard()?;
+    } else if run_options.capture.is_empty() {
         ran.commit()?;
     } else {
-        ran.discard()?;
+        let scopes: Vec<PathBuf> = run_options
+            .capture
+            .iter()
+            .map(|p| super::capture_scope(p))
+            .collect();
+        ran.commit_except(&scopes)?;
     }
     let outputs = if commits {
-        outputs(&output_paths, &ran.accesses, &paths, &binds, cas)?
+        let committed: Vec<PathBuf> = output_paths
+            .iter()
+            .filter(|p| !captures(&run_options.capture, p))
+            .cloned()
+            .collect();
+        let mut outputs = outputs(&committed, &ran.accesses, &paths, &binds, cas)?;
+        outputs.extend(captured);
+        outputs.sort_by_key(|o| paths.to_view(&o.path));
+        outputs
     } else {
         Vec::new()
     };
@@ -299,7 +336,13 @@ pub fn record_run(
         return Ok(None);
     }
     let mut files = observer.take_learned();
-    files.extend(output_states(&outputs, &paths, &binds));
+    // Captured outputs are not on disk: whatever is at their paths is not what they hold.
+    let on_disk: Vec<Output> = outputs
+        .iter()
+        .filter(|o| !captures(&run_options.capture, &paths.to_view(&o.path)))
+        .cloned()
+        .collect();
+    files.extend(output_states(&on_disk, &paths, &binds));
     let trace = Trace {
         inputs,
         outputs,
@@ -400,17 +443,117 @@ pub fn check_input(input: &Input, trace: &Trace, observer: &Observer<'_>) -> Opt
         .map(|change| change.to_string())
 }
 
-/// Restores the outputs of `trace` that are missing or differ; returns how many.
-fn materialize(trace: &Trace, cas: &Cas, observer: &Observer<'_>) -> Result<usize, Error> {
+/// Whether the output at `view` is one the caller puts in place (see
+/// [`RunOptions::capture`]): under a captured path, or a directory on the way to one (made
+/// by the thunk to reach a missing path).
+fn captures(capture: &[PathBuf], view: &Path) -> bool {
+    capture
+        .iter()
+        .any(|c| view.starts_with(c) || c.starts_with(view))
+}
+
+/// What a thunk left under the `capture` roots, read from its layer before the commit: its
+/// files stored in the content store, in the trace's output form; a real entry it deleted
+/// there is a deletion. A write where the thunk could write to make a missing root (see
+/// [`super::capture_scope`]) but outside the root is refused.
+fn captured_outputs(
+    ran: &super::Ran,
+    capture: &[PathBuf],
+    paths: &Paths,
+    cas: &Cas,
+) -> Result<Vec<Output>, Error> {
+    let io_error = |path: &Path, e: io::Error| Error::Path {
+        path: path.to_path_buf(),
+        message: format!("cannot read the thunk's output from its layer: {e}"),
+    };
+    let mut outputs = Vec::new();
+    for root in capture {
+        let scope = super::capture_scope(root);
+        let changes = ran.changes_under(&scope)?;
+        let outside = |view: &Path| !view.starts_with(root) && !root.starts_with(view);
+        if let Some(view) = changes
+            .upper
+            .iter()
+            .map(|(view, _)| view)
+            .chain(&changes.deleted)
+            .find(|view| outside(view))
+        {
+            return Err(Error::Path {
+                path: view.clone(),
+                message: format!(
+                    "the command wrote here, outside {}, the only directory it may install \
+                     into; nothing of the run was kept",
+                    root.display()
+                ),
+            });
+        }
+        // Entries outside the root are the directories the thunk made on the way to it.
+        for (view, layer_file) in changes.upper {
+            let meta = fs::symlink_metadata(&layer_file).map_err(|e| io_error(&layer_file, e))?;
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+            let state = match file_kind(&meta) {
+                FileKind::File => {
+                    let (digest, size) = cas.put_file(&layer_file)?;
+                    OutputState::File { digest, mode, size }
+                }
+                FileKind::Dir => OutputState::Dir { mode },
+                FileKind::Symlink => OutputState::Symlink {
+                    target: fs::read_link(&layer_file)
+                        .map_err(|e| io_error(&layer_file, e))?
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                },
+                FileKind::Other => continue,
+            };
+            outputs.push(Output {
+                path: paths.to_store(&view),
+                state,
+            });
+        }
+        for view in changes.deleted {
+            outputs.push(Output {
+                path: paths.to_store(&view),
+                state: OutputState::Deleted,
+            });
+        }
+    }
+    Ok(outputs)
+}
+
+/// Restores the outputs of `trace` that are missing or differ; returns how many. Outputs at
+/// and under the `captured` view paths are left to the caller, but their content must be in
+/// the content store.
+fn materialize(
+    trace: &Trace,
+    cas: &Cas,
+    observer: &Observer<'_>,
+    captured: &[PathBuf],
+) -> Result<usize, Error> {
+    let is_captured = |output: &Output| captures(captured, &observer.paths.to_view(&output.path));
+    for output in trace.outputs.iter().filter(|o| is_captured(o)) {
+        if let OutputState::File { digest, .. } = &output.state {
+            if !cas.contains(digest) {
+                return Err(Error::Path {
+                    path: observer.paths.to_view(&output.path),
+                    message: format!(
+                        "content {} is missing from the content store {}",
+                        crate::cas::hex(digest),
+                        cas.root().display()
+                    ),
+                });
+            }
+        }
+    }
     let mut restored = 0;
     // Deletions first, deepest first, so that a directory removed by the thunk goes after its
     // entries and before anything is created in its place.
-    for output in trace.outputs.iter().rev() {
+    for output in trace.outputs.iter().rev().filter(|o| !is_captured(o)) {
         if output.state == OutputState::Deleted && restore_output(output, cas, observer)? {
             restored += 1;
         }
     }
-    for output in &trace.outputs {
+    for output in trace.outputs.iter().filter(|o| !is_captured(o)) {
         if output.state != OutputState::Deleted && restore_output(output, cas, observer)? {
             restored += 1;
         }
