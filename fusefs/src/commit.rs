@@ -54,9 +54,10 @@ fn commit_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 pub(crate) fn commit(
     cfg: &Config,
     state: &LayerState,
+    kept_out: &[PathBuf],
     stop: Option<usize>,
 ) -> Result<(CommitSummary, usize), Error> {
-    let (journal, binds, _) = Planner::new(cfg, state).plan()?;
+    let (journal, binds, _) = Planner::new(cfg, state, kept_out).plan()?;
     let count = journal.ops.len();
     if count == 0 {
         if stop.is_none() {
@@ -119,7 +120,7 @@ pub(crate) fn publish(
     open: &HashSet<(u64, u64)>,
     stop: Option<usize>,
 ) -> Result<(CommitSummary, usize), Error> {
-    let (mut journal, binds, moved) = Planner::new(cfg, state).plan()?;
+    let (mut journal, binds, moved) = Planner::new(cfg, state, &[]).plan()?;
     let count = journal.ops.len();
     if count == 0 && stop.is_some() {
         return Ok((journal.summary, 0));
@@ -292,6 +293,8 @@ fn clean_dir(
 struct Planner<'a> {
     cfg: &'a Config,
     state: &'a LayerState,
+    /// View paths whose changes stay in the layer (and go with it): not applied.
+    kept_out: &'a [PathBuf],
     /// The upper entries to apply, parents first, with their view paths.
     upper: Vec<(PathBuf, Stat)>,
     index: HashMap<PathBuf, usize>,
@@ -301,10 +304,11 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn new(cfg: &'a Config, state: &'a LayerState) -> Planner<'a> {
+    fn new(cfg: &'a Config, state: &'a LayerState, kept_out: &'a [PathBuf]) -> Planner<'a> {
         Planner {
             cfg,
             state,
+            kept_out,
             upper: Vec::new(),
             index: HashMap::new(),
             binds: Vec::new(),
@@ -328,7 +332,7 @@ impl<'a> Planner<'a> {
         let mut deletes = BTreeSet::new();
         let mut cleared = HashSet::new();
         for view in &self.state.whiteouts {
-            if !self.cfg.is_writable(view) {
+            if !self.applies(view) {
                 continue;
             }
             if self.index.contains_key(view) {
@@ -421,7 +425,7 @@ impl<'a> Planner<'a> {
         for name in names {
             let child = view.join(&name);
             let st = real::stat_at(upper, &name).map_err(commit_err(&upper_path.join(&name)))?;
-            if self.cfg.is_writable(&child) && !self.cfg.is_internal(&child) {
+            if self.applies(&child) && !self.cfg.is_internal(&child) {
                 self.index.insert(child.clone(), self.upper.len());
                 self.upper.push((child.clone(), st));
             }
@@ -437,6 +441,12 @@ impl<'a> Planner<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Whether the commit applies the layer's change at `view`: under a writable root, and
+    /// not kept out.
+    fn applies(&self, view: &Path) -> bool {
+        self.cfg.is_writable(view) && !self.kept_out.iter().any(|k| view.starts_with(k))
     }
 
     /// Whether a non-directory is moved to `view` (replacing whatever the real tree has there).

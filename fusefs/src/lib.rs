@@ -148,6 +148,31 @@ pub struct CommitSummary {
     pub bytes: u64,
 }
 
+/// What a thunk changed under one view path, read from its layer before the commit (see
+/// [`Handle::changes_under`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerChanges {
+    /// (view path, the layer's file for it), sorted by view path (parents first). Each
+    /// layer file holds the entry as the thunk left it (type, mode, content, link target).
+    pub upper: Vec<(PathBuf, PathBuf)>,
+    /// View paths whose real entry the thunk deleted or replaced (whiteouts), sorted.
+    pub deleted: Vec<PathBuf>,
+}
+
+/// Lists the layer's entries under the layer directory `dir` (view path `view`), sorted.
+fn walk_upper(dir: &Path, view: &Path, into: &mut Vec<(PathBuf, PathBuf)>) -> std::io::Result<()> {
+    let mut entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    for entry in entries {
+        let child = view.join(entry.file_name());
+        into.push((child.clone(), entry.path()));
+        if entry.file_type()?.is_dir() {
+            walk_upper(&entry.path(), &child, into)?;
+        }
+    }
+    Ok(())
+}
+
 /// What [`recover`] did with a layer directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recovery {
@@ -236,7 +261,56 @@ impl Handle {
     /// journal was written: the journal stays, and [`recover`] retries.
     pub fn commit(&self) -> Result<CommitSummary, Error> {
         let state = self.seal()?;
-        Ok(commit::commit(&self.inner.cfg, &state, None)?.0)
+        Ok(commit::commit(&self.inner.cfg, &state, &[], None)?.0)
+    }
+
+    /// Commits like [`Handle::commit`], except the changes at and under the view paths
+    /// `kept_out`, which stay in the layer and are removed with it: the real trees there are
+    /// left as they were. Read them first with [`Handle::changes_under`].
+    pub fn commit_except(&self, kept_out: &[PathBuf]) -> Result<CommitSummary, Error> {
+        let kept_out: Vec<PathBuf> = kept_out.iter().map(|p| config::normalize(p)).collect();
+        let state = self.seal()?;
+        Ok(commit::commit(&self.inner.cfg, &state, &kept_out, None)?.0)
+    }
+
+    /// What the thunk changed at and under the view path `root`, as the layer holds it:
+    /// every entry of the layer there (the files, symlinks and directories it made or
+    /// changed, and the directories leading to them), parents first, with the path of the
+    /// layer's own copy; and the real entries it deleted. Call it once the command is done
+    /// and before the layer is committed or discarded.
+    pub fn changes_under(&self, root: &Path) -> Result<LayerChanges, Error> {
+        let root = config::normalize(root);
+        let state = self.inner.layer.read();
+        if state.sealed {
+            return Err(Error::Finished {
+                path: self.inner.cfg.layer_dir.clone(),
+            });
+        }
+        let mut changes = LayerChanges::default();
+        let top = self.inner.cfg.layer_dir.join(config::upper_rel(&root));
+        let layer_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Commit { path, source }
+        };
+        match std::fs::symlink_metadata(&top) {
+            Ok(meta) => {
+                changes.upper.push((root.clone(), top.clone()));
+                if meta.is_dir() {
+                    walk_upper(&top, &root, &mut changes.upper).map_err(layer_error(&top))?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(layer_error(&top)(e)),
+        }
+        let mut deleted: Vec<PathBuf> = state
+            .whiteouts
+            .iter()
+            .filter(|w| w.starts_with(&root))
+            .cloned()
+            .collect();
+        deleted.sort();
+        changes.deleted = deleted;
+        Ok(changes)
     }
 
     /// For crash tests: commits like [`Handle::commit`] but stops after applying the first
@@ -245,7 +319,7 @@ impl Handle {
     #[doc(hidden)]
     pub fn commit_interrupted_after(&self, n: usize) -> Result<usize, Error> {
         let state = self.seal()?;
-        Ok(commit::commit(&self.inner.cfg, &state, Some(n))?.1)
+        Ok(commit::commit(&self.inner.cfg, &state, &[], Some(n))?.1)
     }
 
     /// Applies the layer's changes so far to the real trees while the filesystem keeps

@@ -43,6 +43,7 @@ fn main() {
         copy_on_write_keeps_real_tree_untouched,
         commit_applies_the_merged_view,
         commit_replaces_changed_types,
+        commit_except_keeps_a_subtree_in_the_layer,
         discard_leaves_real_tree_untouched,
         rename_of_lower_directory_moves_subtree,
         odd_names_round_trip,
@@ -684,6 +685,81 @@ fn commit_applies_the_merged_view() {
     assert!(summary.dirs >= 2, "{summary:?}");
     assert!(summary.deleted >= 4, "{summary:?}");
     assert!(f.handle.commit().is_err(), "a second commit is refused");
+}
+
+/// An installer's writes under its prefix are read from the layer and left out of the commit;
+/// the rest of the layer is applied as usual.
+fn commit_except_keeps_a_subtree_in_the_layer() {
+    let mut f = Fixture::new(
+        |real| {
+            tree(real);
+            write(&real.join("prefix/bin/old"), b"old");
+            write(&real.join("prefix/keep"), b"keep");
+        },
+        |opts| {
+            opts.writable.push(PathBuf::from("/src"));
+            opts.writable.push(PathBuf::from("/prefix"));
+            opts.writable.push(PathBuf::from("/missing/prefix"));
+        },
+    );
+    write(&f.v("/src/built.o"), b"object");
+    write(&f.v("/prefix/bin/tool"), b"tool");
+    fs::set_permissions(f.v("/prefix/bin/tool"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    symlink("tool", f.v("/prefix/bin/alias")).expect("symlink");
+    fs::create_dir_all(f.v("/prefix/share/doc")).expect("mkdir");
+    fs::remove_file(f.v("/prefix/bin/old")).expect("rm");
+    assert_eq!(
+        errno_of(fs::create_dir(f.v("/missing"))),
+        libc::EROFS,
+        "only the prefix itself is writable"
+    );
+    f.unmount();
+    let changes = f
+        .handle
+        .changes_under(Path::new("/prefix"))
+        .expect("changes");
+    let views: Vec<&Path> = changes.upper.iter().map(|(v, _)| v.as_path()).collect();
+    assert_eq!(
+        views,
+        [
+            "/prefix",
+            "/prefix/bin",
+            "/prefix/bin/alias",
+            "/prefix/bin/tool",
+            "/prefix/share",
+            "/prefix/share/doc"
+        ]
+        .map(Path::new)
+    );
+    let tool = &changes.upper[3].1;
+    assert_eq!(read(tool), b"tool");
+    assert_eq!(fs::metadata(tool).expect("tool").mode() & 0o7777, 0o755);
+    assert_eq!(
+        fs::read_link(&changes.upper[2].1).expect("alias"),
+        Path::new("tool")
+    );
+    assert_eq!(changes.deleted, [PathBuf::from("/prefix/bin/old")]);
+    assert_eq!(
+        f.handle
+            .changes_under(Path::new("/missing/prefix"))
+            .expect("none"),
+        cot_fusefs::LayerChanges::default()
+    );
+    f.handle
+        .commit_except(&[PathBuf::from("/prefix")])
+        .expect("commit");
+    assert_eq!(read(&f.r("/src/built.o")), b"object", "the rest is applied");
+    assert!(
+        !f.r("/prefix/bin/tool").exists(),
+        "the prefix is left alone"
+    );
+    assert!(!f.r("/prefix/bin/alias").exists());
+    assert!(!f.r("/prefix/share").exists());
+    assert_eq!(read(&f.r("/prefix/bin/old")), b"old");
+    assert!(
+        !f.layer.exists(),
+        "the layer goes, kept-out changes with it"
+    );
 }
 
 fn commit_replaces_changed_types() {

@@ -535,6 +535,13 @@ impl World for std::sync::Arc<RealWorld> {
             path: path.clone(),
             state: state.clone(),
         };
+        // A content the project's store lacks (collected, or a store shared with --store) may
+        // be in the shared cache.
+        if let OutputState::File { digest, .. } = state {
+            if !self.cas.contains(digest) {
+                self.caches.fill(&[*digest], &self.cas);
+            }
+        }
         memo::restore_output(&output, &self.cas, &observer)?;
         Ok(())
     }

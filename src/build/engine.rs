@@ -303,7 +303,8 @@ pub struct Options {
     pub skip: Option<GlobSet>,
     /// Outputs of stale thunks stay (`--keep-stale`).
     pub keep_stale: bool,
-    /// Outputs restored when damaged even if no thunk reads them (`--want`).
+    /// Outputs restored when damaged or missing even if no thunk reads them (`--want`): each
+    /// path, everything under it, and the directories on the way to it.
     pub want: Vec<StorePath>,
     /// List every thunk even when nothing changed (for reports and `--explain`).
     pub detail: bool,
@@ -1087,8 +1088,11 @@ impl<W: World> Inner<W> {
         let mut writers: HashMap<&StorePath, Vec<ThunkId>> = HashMap::new();
         for (thunk, (key, traces), _) in &loaded {
             if let Some((_, trace)) = traces.iter().find(|(id, _)| *id == thunk.trace) {
+                // Files and links, not directories: a directory is made by whichever step gets
+                // there first (libtool's `.libs`), and waiting for the one that did last time
+                // can mean waiting for a later pass of the build that waits for this thunk.
                 for output in &trace.outputs {
-                    if output.state != OutputState::Deleted {
+                    if !matches!(output.state, OutputState::Deleted | OutputState::Dir { .. }) {
                         writers.entry(&output.path).or_default().push(thunk.id);
                     }
                 }
@@ -2399,7 +2403,7 @@ impl<W: World> Inner<W> {
             if holds {
                 continue;
             }
-            let wanted = !read.contains(path) || self.options.want.contains(path);
+            let wanted = !read.contains(path) || self.options.want.iter().any(|w| wants(w, path));
             if wanted && !dry && !interrupted {
                 match self.world.restore(path, state) {
                     Ok(()) => {
@@ -2844,4 +2848,20 @@ pub fn display_path(path: &StorePath) -> String {
         StorePath::Project(p) if p.is_empty() => ".".into(),
         StorePath::Project(p) | StorePath::Absolute(p) => String::from_utf8_lossy(p).into_owned(),
     }
+}
+
+/// Whether `--want want` asks for the output at `path`: the path itself, what lies under it
+/// (a wanted directory), or a directory on the way to it.
+pub(crate) fn wants(want: &StorePath, path: &StorePath) -> bool {
+    let ((StorePath::Project(w), StorePath::Project(p))
+    | (StorePath::Absolute(w), StorePath::Absolute(p))) = (want, path)
+    else {
+        return false;
+    };
+    let under = |inner: &[u8], outer: &[u8]| {
+        outer.is_empty()
+            || inner == outer
+            || inner.starts_with(outer) && inner.get(outer.len()) == Some(&b'/')
+    };
+    under(p, w) || under(w, p)
 }

@@ -266,16 +266,15 @@ pub fn lint(thunks: &[LintThunk], cx: &LintContext<'_>) -> Vec<Finding> {
         let mut raced: HashSet<usize> = HashSet::new();
         for (i, &(a, _)) in path_writers.iter().enumerate() {
             for &(b, _) in &path_writers[i + 1..] {
-                if a != b && !build.ordered(a, b) {
+                if a != b && !build.same_step(a, b) && !build.ordered(a, b) {
                     raced.extend([a, b]);
-                    // Nothing orders the two, so neither is first: named in a stable order,
-                    // not in the order this run happened to request them.
+                    // Named in a fixed order, whichever ran first.
                     let (first, second) = {
-                        let (a, b) = (build.party(a), build.party(b));
-                        if b < a {
-                            (b, a)
+                        let (pa, pb) = (build.party(a), build.party(b));
+                        if pa <= pb {
+                            (pa, pb)
                         } else {
-                            (a, b)
+                            (pb, pa)
                         }
                     };
                     let message =
@@ -300,7 +299,7 @@ pub fn lint(thunks: &[LintThunk], cx: &LintContext<'_>) -> Vec<Finding> {
             // Undeclared inputs. A thunk reading what it writes itself is a race with the other
             // writers, or time travel, not a dependency on them.
             for &(w, _) in path_writers.iter().filter(|(w, _)| *w != r && !own) {
-                if build.same_rule(r, w) || build.related(r, w) {
+                if build.same_rule(r, w) || build.same_step(r, w) || build.related(r, w) {
                     continue;
                 }
                 // Ordered the wrong way round: it reads what a later thunk writes. Either it
@@ -319,6 +318,12 @@ pub fn lint(thunks: &[LintThunk], cx: &LintContext<'_>) -> Vec<Finding> {
                             format!(
                                 "{} read {shown}, which {} writes after it (cot made it \
                                  first, on demand)",
+                                build.party(r),
+                                build.party(w)
+                            )
+                        } else if matches!(observed, Observed::Absent) {
+                            format!(
+                                "{} looked for {shown}, which {}, ordered after it, makes",
                                 build.party(r),
                                 build.party(w)
                             )
@@ -759,6 +764,13 @@ impl<'a> Graph<'a> {
     fn declares_writer(&self, rule: &StorePath, w: usize) -> bool {
         self.recipe(w)
             .is_some_and(|target| self.declares(rule, target))
+    }
+
+    /// The same command for the same target in the same directory, requested under two
+    /// parents (a make run twice, or a file made on demand and then by make): one step.
+    fn same_step(&self, a: usize, b: usize) -> bool {
+        let (ka, kb) = (&self.thunks[a].key, &self.thunks[b].key);
+        ka.argv == kb.argv && ka.cwd == kb.cwd && ka.target == kb.target
     }
 
     fn same_rule(&self, a: usize, b: usize) -> bool {

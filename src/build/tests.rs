@@ -1432,3 +1432,22 @@ fn an_older_trace_is_found_when_only_the_last_one_was_loaded_ahead() {
     assert_eq!(report.restored, set_of(&["prog"]));
     assert_eq!(report.damaged, set_of(&["main.o"]));
 }
+
+#[test]
+fn want_covers_the_path_what_is_under_it_and_the_way_to_it() {
+    use super::engine::wants;
+    let p = |s: &str| StorePath::Project(s.as_bytes().to_vec());
+    assert!(wants(&p("obj/a.o"), &p("obj/a.o")));
+    assert!(wants(&p("obj/a.o"), &p("obj")), "the directory on the way");
+    assert!(
+        wants(&p("obj"), &p("obj/sub/a.o")),
+        "what a wanted directory holds"
+    );
+    assert!(wants(&p(""), &p("prog")), "the whole project");
+    assert!(!wants(&p("obj"), &p("objects/a.o")));
+    assert!(!wants(&p("obj/a.o"), &p("obj/b.o")));
+    assert!(!wants(
+        &p("obj"),
+        &StorePath::Absolute(b"/tmp/obj".to_vec())
+    ));
+}

@@ -107,6 +107,7 @@ fn run(job: Job, channel: &UnixStream) -> anyhow::Result<FromWorker> {
         quiet: !job.show_output,
         socket: Some(socket),
         gate,
+        capture: Vec::new(),
     };
     let reader = channel.try_clone().context("cannot share the channel")?;
     // Threads start only once the sandbox is launched (it must be cloned from a

@@ -317,6 +317,20 @@ impl Caches {
         result
     }
 
+    /// Copies the contents among `digests` that the project's store `cas` lacks from the
+    /// shared directory, when it has them (each verified). Best effort: what cannot be had is
+    /// left missing.
+    pub fn fill(&self, digests: &[Digest], cas: &Cas) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        for digest in digests.iter().filter(|d| !cas.contains(d)) {
+            if dir.cas().contains(digest) {
+                let _ = dir.fetch(&[*digest], cas);
+            }
+        }
+    }
+
     /// Writes a trace the project just recorded to every cache that takes writes. Failures
     /// are warnings.
     pub fn export(&self, key: &ThunkKey, trace: &Trace, cas: &Cas) {

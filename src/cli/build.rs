@@ -89,7 +89,9 @@ pub struct BuildOptions {
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
 
-    /// Restore PATH when it is damaged, even if no thunk that runs needs it (repeatable)
+    /// Restore PATH from the content store when it is damaged or missing (never materialized,
+    /// as in a fresh checkout sharing the stores), even if no thunk that runs needs it; a
+    /// directory with everything under it, and the directories on the way (repeatable)
     #[arg(long, value_name = "PATH")]
     want: Vec<PathBuf>,
 
@@ -486,6 +488,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
     let rootless = options.sandbox.rootless || !nix::unistd::geteuid().is_root();
     let memo_options = crate::engine::memo::MemoOptions {
         store: options.sandbox.store.clone(),
+        cas: None,
         caches: options.sandbox.cache_options(&project_root)?,
         check: options.sandbox.check,
         no_cache: false,
@@ -669,6 +672,7 @@ fn open_last_build(dir: Option<&Path>) -> Result<(PathBuf, ThunkKey, Arc<RealWor
     let config = load_config(&project_root)?;
     let memo_options = crate::engine::memo::MemoOptions {
         store: None,
+        cas: None,
         caches: Default::default(),
         check: CheckMode::MtimeThenDigest,
         no_cache: false,

@@ -31,6 +31,7 @@ impl StoreArgs {
         let cwd = std::env::current_dir().context("cannot read the working directory")?;
         let options = MemoOptions {
             store: self.store,
+            cas: None,
             caches: crate::cache::CacheOptions {
                 dir: self.cache,
                 ..Default::default()

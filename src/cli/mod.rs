@@ -5,6 +5,7 @@
 
 mod build;
 mod inspect;
+mod pkg;
 pub(crate) mod run;
 
 use std::process::ExitCode;
@@ -48,6 +49,9 @@ enum Command {
     Query(inspect::QueryArgs),
     Gc(inspect::GcArgs),
     Clean(inspect::CleanArgs),
+    Install(pkg::InstallArgs),
+    Uninstall(pkg::UninstallArgs),
+    Pkg(pkg::PkgArgs),
     /// Runs one thunk for a build (internal)
     #[command(name = "__thunk", hide = true)]
     Thunk,
@@ -66,7 +70,7 @@ enum Command {
 }
 
 /// cot's commands, as the first argument.
-const COMMANDS: [&str; 17] = [
+const COMMANDS: [&str; 20] = [
     "lint",
     "run",
     "build",
@@ -77,6 +81,9 @@ const COMMANDS: [&str; 17] = [
     "query",
     "gc",
     "clean",
+    "install",
+    "uninstall",
+    "pkg",
     "help",
     "__thunk",
     "__sh",
@@ -114,6 +121,20 @@ pub fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
+    // A package change a killed cot left under way is settled before anything else looks at
+    // the file system (the package commands do it for the database they are given).
+    let settles = !matches!(
+        cli.command,
+        Command::Thunk
+            | Command::Sh { .. }
+            | Command::MakeDriver { .. }
+            | Command::Install(_)
+            | Command::Uninstall(_)
+            | Command::Pkg(_)
+    );
+    if settles && !crate::build::client::inside_build() {
+        crate::pkg::db::recover_default();
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Build(args) => build::build(args),
@@ -128,6 +149,9 @@ pub fn main() -> ExitCode {
         Command::Query(args) => inspect::query(args),
         Command::Gc(args) => inspect::gc(args),
         Command::Clean(args) => inspect::clean(args),
+        Command::Install(args) => pkg::install(args),
+        Command::Uninstall(args) => pkg::uninstall(args),
+        Command::Pkg(args) => pkg::pkg(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

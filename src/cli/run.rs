@@ -291,6 +291,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         ..RunOptions::default()
     };
     let memo_options = MemoOptions {
+        cas: None,
         caches,
         store: args.sandbox.store,
         check: args.sandbox.check,

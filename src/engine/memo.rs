@@ -36,6 +36,9 @@ use crate::store::model::FileKind;
 pub struct MemoOptions {
     /// The trace store directory (`--store`, `COT_STORE`; default `<project>/.cot/store`).
     pub store: Option<PathBuf>,
+    /// The content store directory (default `<project>/.cot/cas`): set by a caller that keeps
+    /// stores of its own beside `store` (`cot install`'s package database).
+    pub cas: Option<PathBuf>,
     /// The caches beyond the project's store (`--cache`, `--remote`).
     pub caches: CacheOptions,
     pub check: CheckMode,
@@ -63,6 +66,10 @@ pub struct MemoReport {
     /// From the start to the decision (connecting to the store, reading the traces, checking
     /// every input), before any output is restored.
     pub decided_in: Duration,
+    /// The thunk's key, and the trace it ended with (the one reused, or the one recorded;
+    /// `None` when the run was interrupted).
+    pub key: crate::store::model::ThunkKey,
+    pub trace: Option<(TraceId, Trace)>,
 }
 
 /// Now, in nanoseconds since the Unix epoch, as traces and records keep it.
@@ -88,13 +95,14 @@ impl FileStates for LazyStates<'_> {
     }
 }
 
-/// Where the store and the content store of a project are. The content store is always the
-/// project's own (`.cot/cas`): a shared cache is a second level (see [`crate::cache`]).
+/// Where the store and the content store of a project are. The content store is the
+/// project's own (`.cot/cas`, unless the caller keeps one elsewhere): a cache shared with other
+/// checkouts is a second level (see [`crate::cache`]).
 pub fn store_dirs(project_root: &Path, options: &MemoOptions) -> (PathBuf, PathBuf) {
     let state = project_root.join(super::project::STATE_DIR);
     (
         options.store.clone().unwrap_or_else(|| state.join("store")),
-        state.join("cas"),
+        options.cas.clone().unwrap_or_else(|| state.join("cas")),
     )
 }
 
@@ -143,22 +151,34 @@ pub fn run(
         let decision = decide(&traces, &observer, options.cache_failures);
         decided_in = started.elapsed();
         let mut hit = match decision {
-            Ok((trace_id, trace)) => match materialize(trace, &cas, &observer) {
-                Ok(restored) => Some((Some(trace_id), trace.clone(), restored, None)),
-                Err(e) => {
-                    eprintln!("cot: {e}; running the command instead");
-                    reason = format!("could not restore the outputs ({e})");
-                    None
+            Ok((trace_id, trace)) => {
+                // A content the project's store lacks (collected, or a store shared with
+                // --store) may be in the shared cache.
+                let blobs = crate::cache::portable::blobs(trace);
+                if !options.caches.is_empty() && !blobs.iter().all(|d| cas.contains(d)) {
+                    let opened = Caches::open(&options.caches, paths.names());
+                    opened.fill(&blobs, &cas);
+                    caches = Some(opened);
                 }
-            },
+                match materialize(trace, &cas, &observer, &run_options.capture) {
+                    Ok(restored) => Some((Some(trace_id), trace.clone(), restored, None)),
+                    Err(e) => {
+                        eprintln!("cot: {e}; running the command instead");
+                        reason = format!("could not restore the outputs ({e})");
+                        None
+                    }
+                }
+            }
             Err(why) => {
                 reason = why;
                 None
             }
         };
         if hit.is_none() && !options.caches.is_empty() {
-            let opened = Caches::open(&options.caches, paths.names());
-            hit = from_caches(&opened, id, &traces, &observer, &cas);
+            let opened = caches
+                .take()
+                .unwrap_or_else(|| Caches::open(&options.caches, paths.names()));
+            hit = from_caches(&opened, id, &traces, &observer, &cas, run_options);
             caches = Some(opened);
         }
         hashes = observer.hashes();
@@ -170,13 +190,14 @@ pub fn run(
         }
         if let Some((trace_id, trace, restored, cache)) = hit {
             replay(&cas, &trace)?;
-            match trace_id {
-                Some(trace_id) => client.touch(id, trace_id, now_ns())?,
-                // Taken from a cache: now the project's own.
-                None => {
-                    client.record(key, trace.clone(), Vec::new())?;
+            let trace_id = match trace_id {
+                Some(trace_id) => {
+                    client.touch(id, trace_id, now_ns())?;
+                    trace_id
                 }
-            }
+                // Taken from a cache: now the project's own.
+                None => client.record(key.clone(), trace.clone(), Vec::new())?,
+            };
             let from = cache.map_or(String::new(), |cache| format!(" from {cache}"));
             return Ok(MemoReport {
                 exit_code: trace.exit_code,
@@ -191,6 +212,8 @@ pub fn run(
                 duration: started.elapsed(),
                 hashes,
                 decided_in,
+                key,
+                trace: Some((trace_id, trace)),
             });
         }
     }
@@ -209,10 +232,10 @@ pub fn run(
         &cas,
         None,
     )?;
-    if let Some((_, trace)) = recorded.filter(|(_, t)| t.exit_code == 0) {
+    if let Some((_, trace)) = recorded.as_ref().filter(|(_, t)| t.exit_code == 0) {
         if !options.caches.is_empty() {
             let caches = Caches::open(&options.caches, paths.names());
-            caches.export(&key, &trace, &cas);
+            caches.export(&key, trace, &cas);
             warn(&caches);
         }
     }
@@ -227,6 +250,8 @@ pub fn run(
         duration: started.elapsed(),
         hashes,
         decided_in,
+        key,
+        trace: recorded,
     })
 }
 
@@ -238,6 +263,7 @@ fn from_caches(
     local: &[(TraceId, Trace)],
     observer: &Observer<'_>,
     cas: &Cas,
+    run_options: &RunOptions,
 ) -> Option<(Option<TraceId>, Trace, usize, Option<String>)> {
     let mut hit = None;
     for tier in caches.tiers() {
@@ -263,7 +289,7 @@ fn from_caches(
         if caches.fetch(&id, candidate, cas).is_err() {
             continue;
         }
-        match materialize(trace, cas, observer) {
+        match materialize(trace, cas, observer, &run_options.capture) {
             Ok(restored) => {
                 hit = Some((None, trace.clone(), restored, Some(caches.describe(tier))));
                 break;
@@ -358,13 +384,39 @@ pub fn record_run(
         }
     }
     let commits = ran.commits(run_options);
-    if commits {
+    let captured = if commits {
+        match captured_outputs(ran, &run_options.capture, &paths, cas) {
+            Ok(captured) => captured,
+            Err(e) => {
+                ran.discard()?;
+                return Err(e);
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    if !commits {
+        ran.discard()?;
+    } else if run_options.capture.is_empty() {
         ran.commit()?;
     } else {
-        ran.discard()?;
+        let scopes: Vec<PathBuf> = run_options
+            .capture
+            .iter()
+            .map(|p| super::capture_scope(p))
+            .collect();
+        ran.commit_except(&scopes)?;
     }
     let outputs = if commits {
-        outputs(&output_paths, &ran.accesses, &paths, &binds, cas)?
+        let committed: Vec<PathBuf> = output_paths
+            .iter()
+            .filter(|p| !captures(&run_options.capture, p))
+            .cloned()
+            .collect();
+        let mut outputs = outputs(&committed, &ran.accesses, &paths, &binds, cas)?;
+        outputs.extend(captured);
+        outputs.sort_by_key(|o| paths.to_view(&o.path));
+        outputs
     } else {
         Vec::new()
     };
@@ -376,7 +428,13 @@ pub fn record_run(
         return Ok(None);
     }
     let mut files = observer.take_learned();
-    files.extend(output_states(&outputs, &paths, &binds));
+    // Captured outputs are not on disk: whatever is at their paths is not what they hold.
+    let on_disk: Vec<Output> = outputs
+        .iter()
+        .filter(|o| !captures(&run_options.capture, &paths.to_view(&o.path)))
+        .cloned()
+        .collect();
+    files.extend(output_states(&on_disk, &paths, &binds));
     let trace = Trace {
         inputs,
         outputs,
@@ -477,17 +535,117 @@ pub fn check_input(input: &Input, trace: &Trace, observer: &Observer<'_>) -> Opt
         .map(|change| change.to_string())
 }
 
-/// Restores the outputs of `trace` that are missing or differ; returns how many.
-fn materialize(trace: &Trace, cas: &Cas, observer: &Observer<'_>) -> Result<usize, Error> {
+/// Whether the output at `view` is one the caller puts in place (see
+/// [`RunOptions::capture`]): under a captured path, or a directory on the way to one (made
+/// by the thunk to reach a missing path).
+fn captures(capture: &[PathBuf], view: &Path) -> bool {
+    capture
+        .iter()
+        .any(|c| view.starts_with(c) || c.starts_with(view))
+}
+
+/// What a thunk left under the `capture` roots, read from its layer before the commit: its
+/// files stored in the content store, in the trace's output form; a real entry it deleted
+/// there is a deletion. A write where the thunk could write to make a missing root (see
+/// [`super::capture_scope`]) but outside the root is refused.
+fn captured_outputs(
+    ran: &super::Ran,
+    capture: &[PathBuf],
+    paths: &Paths,
+    cas: &Cas,
+) -> Result<Vec<Output>, Error> {
+    let io_error = |path: &Path, e: io::Error| Error::Path {
+        path: path.to_path_buf(),
+        message: format!("cannot read the thunk's output from its layer: {e}"),
+    };
+    let mut outputs = Vec::new();
+    for root in capture {
+        let scope = super::capture_scope(root);
+        let changes = ran.changes_under(&scope)?;
+        let outside = |view: &Path| !view.starts_with(root) && !root.starts_with(view);
+        if let Some(view) = changes
+            .upper
+            .iter()
+            .map(|(view, _)| view)
+            .chain(&changes.deleted)
+            .find(|view| outside(view))
+        {
+            return Err(Error::Path {
+                path: view.clone(),
+                message: format!(
+                    "the command wrote here, outside {}, the only directory it may install \
+                     into; nothing of the run was kept",
+                    root.display()
+                ),
+            });
+        }
+        // Entries outside the root are the directories the thunk made on the way to it.
+        for (view, layer_file) in changes.upper {
+            let meta = fs::symlink_metadata(&layer_file).map_err(|e| io_error(&layer_file, e))?;
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+            let state = match file_kind(&meta) {
+                FileKind::File => {
+                    let (digest, size) = cas.put_file(&layer_file)?;
+                    OutputState::File { digest, mode, size }
+                }
+                FileKind::Dir => OutputState::Dir { mode },
+                FileKind::Symlink => OutputState::Symlink {
+                    target: fs::read_link(&layer_file)
+                        .map_err(|e| io_error(&layer_file, e))?
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                },
+                FileKind::Other => continue,
+            };
+            outputs.push(Output {
+                path: paths.to_store(&view),
+                state,
+            });
+        }
+        for view in changes.deleted {
+            outputs.push(Output {
+                path: paths.to_store(&view),
+                state: OutputState::Deleted,
+            });
+        }
+    }
+    Ok(outputs)
+}
+
+/// Restores the outputs of `trace` that are missing or differ; returns how many. Outputs at
+/// and under the `captured` view paths are left to the caller, but their content must be in
+/// the content store.
+fn materialize(
+    trace: &Trace,
+    cas: &Cas,
+    observer: &Observer<'_>,
+    captured: &[PathBuf],
+) -> Result<usize, Error> {
+    let is_captured = |output: &Output| captures(captured, &observer.paths.to_view(&output.path));
+    for output in trace.outputs.iter().filter(|o| is_captured(o)) {
+        if let OutputState::File { digest, .. } = &output.state {
+            if !cas.contains(digest) {
+                return Err(Error::Path {
+                    path: observer.paths.to_view(&output.path),
+                    message: format!(
+                        "content {} is missing from the content store {}",
+                        crate::cas::hex(digest),
+                        cas.root().display()
+                    ),
+                });
+            }
+        }
+    }
     let mut restored = 0;
     // Deletions first, deepest first, so that a directory removed by the thunk goes after its
     // entries and before anything is created in its place.
-    for output in trace.outputs.iter().rev() {
+    for output in trace.outputs.iter().rev().filter(|o| !is_captured(o)) {
         if output.state == OutputState::Deleted && restore_output(output, cas, observer)? {
             restored += 1;
         }
     }
-    for output in &trace.outputs {
+    for output in trace.outputs.iter().filter(|o| !is_captured(o)) {
         if output.state != OutputState::Deleted && restore_output(output, cas, observer)? {
             restored += 1;
         }

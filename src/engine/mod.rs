@@ -75,6 +75,11 @@ pub struct RunOptions {
     pub socket: Option<PathBuf>,
     /// What the thunk's lookups wait for first (a build: the producers of files it wants).
     pub gate: Option<cot_fusefs::LookupGate>,
+    /// View paths (writable) whose writes never reach the real file system: what the thunk
+    /// leaves there is read from its layer into the content store and the trace's outputs,
+    /// and goes with the layer (`cot install`: the caller puts it in place). A valid trace
+    /// leaves them to the caller too.
+    pub capture: Vec<PathBuf>,
 }
 
 /// The one-line message cot prints for an outcome the command did not print itself.
@@ -127,6 +132,18 @@ impl Ran {
     /// Applies the thunk's writes to the real file system.
     pub fn commit(&self) -> Result<CommitSummary, Error> {
         Ok(self.handle.commit()?)
+    }
+
+    /// Applies the thunk's writes except those at and under `kept_out`, which go with the
+    /// layer.
+    pub fn commit_except(&self, kept_out: &[PathBuf]) -> Result<CommitSummary, Error> {
+        Ok(self.handle.commit_except(kept_out)?)
+    }
+
+    /// What the thunk left at and under the view path `root`, read from its layer (before
+    /// the commit).
+    pub fn changes_under(&self, root: &Path) -> Result<cot_fusefs::LayerChanges, Error> {
+        Ok(self.handle.changes_under(root)?)
     }
 
     /// Drops the thunk's writes.
@@ -194,7 +211,10 @@ pub fn execute_with(
     let layer = project::reserve_layer(&project_root).map_err(Error::Layer)?;
     let passthrough =
         !options.no_passthrough && !thunk.rootless && nix::unistd::geteuid().is_root();
-    let fs_options = fs_options(thunk, &project_root, &layer.dir, passthrough)?;
+    let mut fs_options = fs_options(thunk, &project_root, &layer.dir, passthrough)?;
+    fs_options
+        .writable
+        .extend(options.capture.iter().map(|p| capture_scope(p)));
     let capture = capture::Capture::new(&layer.stdout, &layer.stderr).map_err(Error::Layer)?;
     let (stdout, stderr) = capture.fds();
     // Writable roots that live in /tmp stay visible in the thunk's private /tmp.
@@ -345,12 +365,14 @@ fn hidden_elsewhere(
     Ok((hidden, unhidden))
 }
 
-/// The project and the `--writable` directories, canonical.
+/// The project and the `--writable` directories, canonical. A writable directory that does
+/// not exist yet is writable where it would be (the thunk may make it), below its nearest
+/// existing ancestor, which must be a directory.
 fn writable_roots(thunk: &Thunk, project_root: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut writable = vec![project_root.to_path_buf()];
     for dir in &thunk.writable {
-        let dir = canonical(dir)?;
-        if !dir.is_dir() {
+        let dir = canonical_or_missing(dir)?;
+        if dir.symlink_metadata().is_ok() && !dir.is_dir() {
             return Err(Error::Path {
                 path: dir,
                 message: "--writable needs a directory".into(),
@@ -372,6 +394,57 @@ pub fn view_binds(thunk: &Thunk, project_root: &Path) -> Result<Vec<(PathBuf, Pa
         }
     }
     Ok(binds)
+}
+
+/// Where a thunk may write to leave something at the captured path `path` (see
+/// [`RunOptions::capture`]): `path` itself, or when it does not exist yet, its highest
+/// missing ancestor, so that `mkdir -p` can make it. What the thunk writes there outside
+/// `path` is refused after the run.
+pub fn capture_scope(path: &Path) -> PathBuf {
+    let mut scope = path;
+    while let Some(parent) = scope.parent() {
+        if parent.symlink_metadata().is_ok() {
+            break;
+        }
+        scope = parent;
+    }
+    if scope.symlink_metadata().is_ok() {
+        path.to_path_buf()
+    } else {
+        scope.to_path_buf()
+    }
+}
+
+/// The canonical form of `path`, or, when it does not exist, that of its nearest existing
+/// ancestor (a directory) with the missing components after it.
+pub fn canonical_or_missing(path: &Path) -> Result<PathBuf, Error> {
+    let absolute = std::path::absolute(path).map_err(|e| Error::Path {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut missing = Vec::new();
+    let mut existing = absolute.as_path();
+    while existing.symlink_metadata().is_err() {
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            break;
+        };
+        if name == ".." || name == "." {
+            return canonical(path);
+        }
+        missing.push(name.to_os_string());
+        existing = parent;
+    }
+    let mut found = canonical(existing)?;
+    if !missing.is_empty() && !found.is_dir() {
+        return Err(Error::Path {
+            path: found,
+            message: "is not a directory".into(),
+        });
+    }
+    for name in missing.iter().rev() {
+        found.push(name);
+    }
+    Ok(found)
 }
 
 fn canonical(path: &Path) -> Result<PathBuf, Error> {

@@ -17,6 +17,7 @@ mod lint;
 mod memo;
 mod memo_props;
 mod ondemand;
+mod pkg;
 mod rootless;
 mod tracing;
 mod writes;
