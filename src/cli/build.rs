@@ -16,7 +16,7 @@ use crate::build::engine::{self, Build, Mode, Options, Outcome, Resolved, State}
 use crate::build::lint;
 use crate::build::progress::{Progress, Verbosity};
 use crate::build::report::{self, BuildReport, ThunkReport, ThunkState};
-use crate::engine::env::{set_var, thunk_env, EnvRule};
+use crate::engine::env::{parse_rules, set_var, thunk_env};
 use crate::engine::key::Paths;
 use crate::engine::observe::CheckMode;
 use crate::store::model::{StorePath, ThunkKey};
@@ -468,11 +468,7 @@ fn start(options: BuildOptions, argv: Vec<OsString>, name: &str) -> Result<u8> {
         .max(1);
     let mut env_args = options.sandbox.env.clone();
     env_args.extend(config.env.iter().map(OsString::from));
-    let rules = env_args
-        .iter()
-        .map(|arg| EnvRule::parse(arg))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
+    let rules = parse_rules(&env_args)?;
     let hermetic = options.sandbox.hermetic || config.hermetic;
     options.sandbox.check_hermetic(hermetic)?;
     let mut allow = config.allow.clone();

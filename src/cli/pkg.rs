@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use super::run::SandboxArgs;
-use crate::engine::env::{thunk_env, EnvRule};
+use crate::engine::env::{parse_rules, thunk_env};
 use crate::engine::Thunk;
 use crate::pkg::apply::{self, Conflict, InstallPlan};
 use crate::pkg::install::{self, Outcome, Request};
@@ -251,13 +251,7 @@ pub fn install(args: InstallArgs) -> Result<u8> {
     if let Some(name) = &args.name {
         crate::pkg::check_name(name)?;
     }
-    let rules = args
-        .sandbox
-        .env
-        .iter()
-        .map(|arg| EnvRule::parse(arg))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
+    let rules = parse_rules(&args.sandbox.env)?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     let mut env = thunk_env(std::env::vars_os(), &rules, args.sandbox.inherit_env);
     let hermetic = args.sandbox.hermetic.then(|| {

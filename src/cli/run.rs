@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::cache::CacheOptions;
-use crate::engine::env::{set_var, thunk_env, EnvRule};
+use crate::engine::env::{parse_rules, set_var, thunk_env};
 use crate::engine::hermetic::{self, ProjectView};
 use crate::engine::memo::{self, MemoOptions};
 use crate::engine::observe::CheckMode;
@@ -243,13 +243,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
             "--bg starts a child thunk of a build: use it inside a build script (`cot build`)"
         );
     }
-    let rules = args
-        .sandbox
-        .env
-        .iter()
-        .map(|arg| EnvRule::parse(arg))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
+    let rules = parse_rules(&args.sandbox.env)?;
     args.sandbox.check_hermetic(args.sandbox.hermetic)?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     let caches = args
@@ -370,13 +364,7 @@ fn nested(args: RunArgs) -> Result<u8> {
              settings (give it to `cot build` instead)"
         );
     }
-    let rules = args
-        .sandbox
-        .env
-        .iter()
-        .map(|arg| EnvRule::parse(arg))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
+    let rules = parse_rules(&args.sandbox.env)?;
     let env = thunk_env(crate::build::client::request_env(), &rules, true);
     crate::build::client::run(args.command, env, args.bg)
 }

@@ -49,6 +49,14 @@ impl EnvRule {
     }
 }
 
+/// Parses every `--env` argument; the first bad one is the error.
+pub fn parse_rules(args: &[OsString]) -> anyhow::Result<Vec<EnvRule>> {
+    args.iter()
+        .map(|arg| EnvRule::parse(arg))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)
+}
+
 fn allowed_by_default(name: &OsStr) -> bool {
     let bytes = name.as_bytes();
     bytes.starts_with(b"LC_")
