@@ -191,21 +191,30 @@ pub struct Run {
     pub trace: Vec<Line>,
 }
 
-impl Run {
-    pub fn from_output(output: Output, trace_path: &Path) -> Run {
-        let text = fs::read_to_string(trace_path).unwrap_or_default();
-        let trace = text.lines().map(parse_line).collect();
+/// A run without a trace file.
+impl From<Output> for Run {
+    fn from(output: Output) -> Run {
         Run {
             status: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            trace,
+            trace: Vec::new(),
+        }
+    }
+}
+
+impl Run {
+    pub fn from_output(output: Output, trace_path: &Path) -> Run {
+        let text = fs::read_to_string(trace_path).unwrap_or_default();
+        Run {
+            trace: text.lines().map(parse_line).collect(),
+            ..Run::from(output)
         }
     }
 
     #[track_caller]
     pub fn ok(self) -> Run {
-        assert_eq!(self.status, 0, "cot run failed:\n{}", self.describe());
+        assert_eq!(self.status, 0, "cot failed:\n{}", self.describe());
         self
     }
 
@@ -379,26 +388,26 @@ pub fn chown_tree(root: &Path, uid: u32, gid: u32) {
 /// Runs `cot ARGS...` (the shared copy of the binary) as the unprivileged test user in
 /// `project`, after giving the project to that user.
 pub fn cot_as_test_user(project: &Project, args: &[&str]) -> Run {
+    let output = test_user_cot(project).args(args).output().unwrap();
+    Run::from(output)
+}
+
+/// The command running the shared copy of cot as the unprivileged test user in `project`
+/// (its home), stdin from /dev/null, after giving the project to that user; arguments to add.
+pub fn test_user_cot(project: &Project) -> Command {
     let (uid, gid) = test_user();
     chown_tree(project.root(), uid, gid);
-    let output = Command::new("setpriv")
+    let mut command = Command::new("setpriv");
+    command
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
         .arg("--clear-groups")
         .arg("--")
         .arg(shared_cot_bin())
-        .args(args)
         .current_dir(project.root())
         .env("HOME", project.root())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    Run {
-        status: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        trace: Vec::new(),
-    }
+        .stdin(Stdio::null());
+    command
 }
 
 /// Runs `BIN ARGS...` (a cot binary) in `dir` with stdin from /dev/null, as the caller.
@@ -409,10 +418,5 @@ pub fn run_cot(bin: &Path, dir: &Path, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    Run {
-        status: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        trace: Vec::new(),
-    }
+    Run::from(output)
 }

@@ -119,12 +119,7 @@ fn cot_make(dir: &Path, args: &[&str], limit: Duration) -> Option<Outcome> {
     let text = fs::read_to_string(&report).unwrap_or_default();
     let _ = fs::remove_file(&report);
     Some(Outcome {
-        run: Run {
-            status: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            trace: Vec::new(),
-        },
+        run: Run::from(output),
         report: serde_json::from_str(&text).unwrap_or(Value::Null),
     })
 }

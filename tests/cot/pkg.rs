@@ -47,8 +47,7 @@ impl Pkgs {
 
     /// `cot pkg list` as (name, version, files, where) rows.
     fn list(&self) -> Vec<Vec<String>> {
-        let run = self.cot(&["pkg", "list"]);
-        assert_eq!(run.status, 0, "{}", run.describe());
+        let run = self.cot(&["pkg", "list"]).ok();
         run.stdout
             .lines()
             .map(|l| l.split('\t').take(4).map(String::from).collect())
@@ -144,12 +143,7 @@ fn cot_with(root: &Path, db: &Path, rel: &str, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    Run {
-        status: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        trace: Vec::new(),
-    }
+    Run::from(output)
 }
 
 #[test]
@@ -160,8 +154,7 @@ fn toy_package_lifecycle_and_substitution() {
     toy(&t.p, "toy-2.1", 3, "toy's\n");
     // The prefix does not exist yet, nor does its parent: the install makes both.
     let prefix = t.path("root/opt/toy");
-    let run = install_toy(&t, "toy-2.1", &prefix, &[]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = install_toy(&t, "toy-2.1", &prefix, &[]).ok();
     assert!(
         run.stderr.contains("installed toy 2.1 in") && run.stderr.contains("ran the installer"),
         "{}",
@@ -190,12 +183,10 @@ fn toy_package_lifecycle_and_substitution() {
         owner.stdout,
         format!("{prefix}/bin/toy: toy 2.1\n/etc/passwd: no package\n")
     );
-    let verify = t.cot(&["pkg", "verify"]);
-    assert_eq!(verify.status, 0, "{}", verify.describe());
+    t.cot(&["pkg", "verify"]).ok();
 
     // Installing it again while installed: a substitution, and nothing to write.
-    let run = install_toy(&t, "toy-2.1", &prefix, &["--explain"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = install_toy(&t, "toy-2.1", &prefix, &["--explain"]).ok();
     assert!(
         run.stderr
             .contains("nothing to do (substituted from the content store: nothing ran)"),
@@ -223,8 +214,7 @@ fn toy_package_lifecycle_and_substitution() {
 
     // Someone else's file in a directory the package made: kept, and so is the directory.
     fs::write(format!("{prefix}/bin/mine"), "not the package's\n").unwrap();
-    let run = t.cot(&["uninstall", "--force", "toy"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    t.cot(&["uninstall", "--force", "toy"]).ok();
     assert!(t.list().is_empty());
     let left: Vec<String> = snapshot(&t.p.root().join("root")).into_keys().collect();
     assert_eq!(
@@ -235,8 +225,7 @@ fn toy_package_lifecycle_and_substitution() {
     fs::remove_dir_all(t.p.root().join("root")).unwrap();
 
     // Installed again after the uninstall: a substitution, the same files.
-    let run = install_toy(&t, "toy-2.1", &prefix, &[]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = install_toy(&t, "toy-2.1", &prefix, &[]).ok();
     assert!(
         run.stderr
             .contains("substituted from the content store: nothing ran"),
@@ -244,8 +233,7 @@ fn toy_package_lifecycle_and_substitution() {
         run.describe()
     );
     assert_eq!(snapshot(Path::new(&prefix)), installed);
-    let run = t.cot(&["uninstall", "toy"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    t.cot(&["uninstall", "toy"]).ok();
     assert!(
         !t.p.root().join("root").exists(),
         "every directory it made is gone"
@@ -253,21 +241,19 @@ fn toy_package_lifecycle_and_substitution() {
 
     // Into another place (--dest): a substitution too; the paths go under the destination.
     let dest = t.path("image");
-    let run = install_toy(&t, "toy-2.1", &prefix, &["--dest", &dest]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = install_toy(&t, "toy-2.1", &prefix, &["--dest", &dest]).ok();
     assert!(run.stderr.contains("nothing ran"), "{}", run.describe());
     assert!(!Path::new(&prefix).exists());
     assert_eq!(
         snapshot(&Path::new(&dest).join(prefix.trim_start_matches('/'))),
         installed
     );
-    let owner = t.cot(&["pkg", "owner", &format!("{dest}{prefix}/bin/toy")]);
-    assert_eq!(owner.status, 0, "{}", owner.describe());
+    t.cot(&["pkg", "owner", &format!("{dest}{prefix}/bin/toy")])
+        .ok();
 
     // A new version of the same name replaces it: its files come, the old ones it lacks go.
     toy(&t.p, "toy-2.2", 2, "toy's\n");
-    let run = install_toy(&t, "toy-2.2", &prefix, &["--dest", &dest]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    install_toy(&t, "toy-2.2", &prefix, &["--dest", &dest]).ok();
     assert_eq!(
         t.list(),
         [[
@@ -291,8 +277,7 @@ fn conflicts_stop_an_install_before_anything_is_written() {
     let prefix = t.path("usr");
     toy(&t.p, "one-1.0", 2, "one's\n");
     toy(&t.p, "two-1.0", 2, "two's\n");
-    let run = install_toy(&t, "one-1.0", &prefix, &[]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    install_toy(&t, "one-1.0", &prefix, &[]).ok();
     let before = snapshot(Path::new(&prefix));
 
     // two installs share/shared, which one owns.
@@ -327,8 +312,7 @@ fn conflicts_stop_an_install_before_anything_is_written() {
     );
 
     // --force takes both over, and the records say so.
-    let run = install_toy(&t, "two-1.0", &prefix, &["--force"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = install_toy(&t, "two-1.0", &prefix, &["--force"]).ok();
     assert!(
         run.stderr
             .contains(&format!("took over {prefix}/share/shared from package one"))
@@ -347,19 +331,16 @@ fn conflicts_stop_an_install_before_anything_is_written() {
     let list = t.list();
     assert_eq!(list[0][..3], ["one", "1.0", "4 files"]);
     assert_eq!(list[1][..3], ["two", "1.0", "5 files"]);
-    let verify = t.cot(&["pkg", "verify"]);
-    assert_eq!(verify.status, 0, "{}", verify.describe());
+    t.cot(&["pkg", "verify"]).ok();
 
     // Removing one leaves what two took from it.
-    let run = t.cot(&["uninstall", "one"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    t.cot(&["uninstall", "one"]).ok();
     assert_eq!(
         fs::read_to_string(format!("{prefix}/share/shared")).unwrap(),
         "two's\n"
     );
     assert!(!Path::new(&format!("{prefix}/bin/one")).exists());
-    let run = t.cot(&["uninstall", "two"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    t.cot(&["uninstall", "two"]).ok();
     assert!(
         !Path::new(&prefix).exists(),
         "{:#?}",
@@ -468,8 +449,7 @@ fn real_package_lifecycle(
     let mut args = vec!["install", "--prefix", prefix, "--"];
     args.extend_from_slice(install);
     let started = Instant::now();
-    let run = t.cot_in(dir, &args);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = t.cot_in(dir, &args).ok();
     assert!(
         run.stderr.contains("ran the installer"),
         "{}",
@@ -484,12 +464,10 @@ fn real_package_lifecycle(
     assert_eq!(list[0][..2], [name, version]);
     assert_eq!(list[0][3], prefix);
     let installed = snapshot(Path::new(prefix));
-    let verify = t.cot(&["pkg", "verify", name]);
-    assert_eq!(verify.status, 0, "{}", verify.describe());
+    t.cot(&["pkg", "verify", name]).ok();
     works(Path::new(prefix));
 
-    let run = t.cot(&["uninstall", name]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    t.cot(&["uninstall", name]).ok();
     assert!(t.list().is_empty());
     assert!(
         !Path::new(prefix).exists(),
@@ -498,8 +476,7 @@ fn real_package_lifecycle(
     );
 
     let started = Instant::now();
-    let run = t.cot_in(dir, &args);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = t.cot_in(dir, &args).ok();
     assert!(
         run.stderr
             .contains("substituted from the content store: nothing ran"),
@@ -511,8 +488,7 @@ fn real_package_lifecycle(
         started.elapsed().as_secs_f64()
     );
     assert_eq!(snapshot(Path::new(prefix)), installed);
-    let verify = t.cot(&["pkg", "verify", name]);
-    assert_eq!(verify.status, 0, "{}", verify.describe());
+    t.cot(&["pkg", "verify", name]).ok();
 }
 
 #[test]
@@ -582,8 +558,7 @@ fn an_install_killed_anywhere_leaves_all_or_nothing() {
     let t = Pkgs::new();
     toy(&t.p, "kill-1.0", 40, "kill's\n");
     let prefix = t.path("k/prefix");
-    let run = install_toy(&t, "kill-1.0", &prefix, &[]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    install_toy(&t, "kill-1.0", &prefix, &[]).ok();
     let whole = snapshot(&t.p.root().join("k"));
     assert_eq!(t.cot(&["uninstall", "kill"]).status, 0);
     let seed = std::time::SystemTime::now()
@@ -656,8 +631,7 @@ fn an_install_killed_anywhere_leaves_all_or_nothing() {
         let _ = child.kill();
         let _ = child.wait();
         // The next cot command settles it.
-        let list = t.cot(&["pkg", "list"]);
-        assert_eq!(list.status, 0, "{}", list.describe());
+        let list = t.cot(&["pkg", "list"]).ok();
         rolled_back += list.stderr.matches("rolled back the interrupted").count();
         finished += list.stderr.matches("finished the interrupted").count();
         let now = snapshot(&t.p.root().join("k"));
@@ -704,17 +678,16 @@ fn a_package_moves_between_two_databases() {
     let t = Pkgs::new();
     toy(&t.p, "moving-3.0", 5, "moving's\n");
     let prefix = t.path("from");
-    let run = install_toy(&t, "moving-3.0", &prefix, &[]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    install_toy(&t, "moving-3.0", &prefix, &[]).ok();
     let archive = format!("{}.tar", t.db.display());
-    let run = t.cot(&["pkg", "export", "moving", &archive]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    t.cot(&["pkg", "export", "moving", &archive]).ok();
 
     // Another machine: another database, nothing installed, its own place.
     let other = Pkgs::new();
     let dest = other.path("image");
-    let run = other.cot(&["pkg", "import", &archive, "--dest", &dest]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = other
+        .cot(&["pkg", "import", &archive, "--dest", &dest])
+        .ok();
     assert!(
         run.stderr.contains("objects verified"),
         "{}",
@@ -726,20 +699,18 @@ fn a_package_moves_between_two_databases() {
     );
     let list = other.list();
     assert_eq!(list[0][..3], ["moving", "3.0", "8 files"]);
-    let verify = other.cot(&["pkg", "verify"]);
-    assert_eq!(verify.status, 0, "{}", verify.describe());
+    other.cot(&["pkg", "verify"]).ok();
 
     // Its trace came along: the same install at the same place is a substitution there.
-    let run = other.cot(&["uninstall", "moving"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    other.cot(&["uninstall", "moving"]).ok();
     let run = install_toy_with(
         t.p.root(),
         &other.db,
         "moving-3.0",
         &prefix,
         &["--dest", &dest],
-    );
-    assert_eq!(run.status, 0, "{}", run.describe());
+    )
+    .ok();
     assert!(run.stderr.contains("nothing ran"), "{}", run.describe());
 
     // A damaged archive is refused, and nothing of it is installed.
@@ -770,7 +741,6 @@ fn a_package_moves_between_two_databases() {
 fn wanted_files_are_materialized_without_running_anything() {
     require_sandbox!();
     let _machine = machine_shared();
-    let a = Project::new();
     let cot = shared_cot_bin();
     let cotfile = format!(
         "#!/bin/sh\nset -e\ncot={}\n\
@@ -778,8 +748,14 @@ fn wanted_files_are_materialized_without_running_anything() {
          $cot run -- sh -c 'cat obj/a.o > prog'\n",
         cot.display()
     );
-    a.write("Cotfile", &cotfile);
-    fs::set_permissions(a.root().join("Cotfile"), fs::Permissions::from_mode(0o755)).unwrap();
+    let checkout = || {
+        let p = Project::new();
+        p.write("Cotfile", &cotfile);
+        fs::set_permissions(p.root().join("Cotfile"), fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    };
+    let a = checkout();
+    // Every checkout builds with a's stores.
     let store = a.root().join(".cot/store");
     let cas = a.root().join(".cot/cas");
     let build = |p: &Project, extra: &[&str]| {
@@ -792,81 +768,45 @@ fn wanted_files_are_materialized_without_running_anything() {
             cas.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        crate::harness::run_cot(&cot, p.root(), &args)
+        let run = crate::harness::run_cot(&cot, p.root(), &args).ok();
+        run
     };
-    let run = build(&a, &[]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    // `paths` hold what the build compiled, and the build ran nothing.
+    let restored = |p: &Project, paths: &[&str], run: &Run| {
+        for path in paths {
+            let content = p.read(path);
+            assert_eq!(content.as_deref(), Some("compiled\n"), "{}", run.describe());
+        }
+        let ran = run.stderr.contains(": ran");
+        assert!(!ran, "nothing ran:\n{}", run.describe());
+    };
+    build(&a, &[]);
     assert_eq!(a.read("prog").as_deref(), Some("compiled\n"));
 
     // Deleted (as an uninstall or a clean would): left damaged, then wanted back.
     fs::remove_dir_all(a.root().join("obj")).unwrap();
-    let run = build(&a, &[]);
-    assert_eq!(run.status, 0, "{}", run.describe());
+    build(&a, &[]);
     assert!(
         !a.exists("obj/a.o"),
         "an intermediate nobody needs stays as it is"
     );
     let run = build(&a, &["--want", "obj/a.o"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
-    assert_eq!(
-        a.read("obj/a.o").as_deref(),
-        Some("compiled\n"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        !run.stderr.contains(": ran"),
-        "nothing ran:\n{}",
-        run.describe()
-    );
+    restored(&a, &["obj/a.o"], &run);
 
     // A fresh checkout sharing the stores: nothing there was ever materialized.
-    let b = Project::new();
-    b.write("Cotfile", &cotfile);
-    fs::set_permissions(b.root().join("Cotfile"), fs::Permissions::from_mode(0o755)).unwrap();
+    let b = checkout();
     let run = build(&b, &["--want", "obj/a.o"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
     assert!(
         !run.stderr.contains("damaged"),
         "obj, on the way to obj/a.o, is wanted too:\n{}",
         run.describe()
     );
-    assert_eq!(
-        b.read("obj/a.o").as_deref(),
-        Some("compiled\n"),
-        "{}",
-        run.describe()
-    );
-    assert_eq!(
-        b.read("prog").as_deref(),
-        Some("compiled\n"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        !run.stderr.contains(": ran"),
-        "nothing ran:\n{}",
-        run.describe()
-    );
+    restored(&b, &["obj/a.o", "prog"], &run);
 
     // A wanted directory: everything under it.
-    let c = Project::new();
-    c.write("Cotfile", &cotfile);
-    fs::set_permissions(c.root().join("Cotfile"), fs::Permissions::from_mode(0o755)).unwrap();
+    let c = checkout();
     let run = build(&c, &[]);
-    assert_eq!(run.status, 0, "{}", run.describe());
     assert!(!c.exists("obj"), "never materialized:\n{}", run.describe());
     let run = build(&c, &["--want", "obj"]);
-    assert_eq!(run.status, 0, "{}", run.describe());
-    assert_eq!(
-        c.read("obj/a.o").as_deref(),
-        Some("compiled\n"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        !run.stderr.contains(": ran"),
-        "nothing ran:\n{}",
-        run.describe()
-    );
+    restored(&c, &["obj/a.o"], &run);
 }

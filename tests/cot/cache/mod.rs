@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use crate::harness::{chown_tree, machine_shared, shared_cot_bin, test_user, Project, Run};
+use crate::harness::{machine_shared, shared_cot_bin, test_user_cot, Project, Run};
 use crate::require_sandbox;
 
 mod remote;
@@ -42,6 +42,21 @@ impl Cache {
 
     pub fn path(&self) -> &str {
         self.dir.path().to_str().unwrap()
+    }
+
+    /// `cot run --explain --cache CACHE -- sh -c SCRIPT` as root in `dir`, which must succeed.
+    pub fn sh(&self, dir: &Path, script: &str) -> Run {
+        let args = [
+            "run",
+            "--explain",
+            "--cache",
+            self.path(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ];
+        cot(dir, &args).ok()
     }
 
     /// Every file of the cache (but `tmp/` and `corrupt/`) with its content.
@@ -119,38 +134,15 @@ pub fn cot(dir: &Path, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    run_of(output)
+    Run::from(output)
 }
 
 /// `cot ARGS...` in the project as the unprivileged test user (its home: the project), after
 /// giving the project to that user.
 fn cot_as_test_user(project: &Project, args: &[&str]) -> Run {
-    let (uid, gid) = test_user();
-    chown_tree(project.root(), uid, gid);
-    let output = Command::new("setpriv")
-        .arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={gid}"))
-        .arg("--clear-groups")
-        .arg("--")
-        .arg(shared_cot_bin())
-        .args(args)
-        .current_dir(project.root())
-        .env_clear()
-        .env("PATH", PATH)
-        .env("HOME", project.root())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    run_of(output)
-}
-
-fn run_of(output: std::process::Output) -> Run {
-    Run {
-        status: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        trace: Vec::new(),
-    }
+    let mut command = test_user_cot(project);
+    command.args(args).env_clear().env("PATH", PATH);
+    Run::from(command.env("HOME", project.root()).output().unwrap())
 }
 
 /// A build with `--report`: its run and the report's thunks.
@@ -265,13 +257,7 @@ fn two_checkouts_of_a_project_share_a_cache_both_ways() {
     let built = build(second.root(), &["build", "--cache", cache.path()]).ok();
     assert!(built.ran().is_empty(), "{}", built.describe());
     assert_eq!(built.cached(), 5, "{}", built.describe());
-    assert_eq!(
-        files_under(second.root(), &[]),
-        files_under(first.root(), &[]),
-        "the same files"
-    );
-    let prog = Command::new(second.root().join("prog")).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&prog.stdout), "61\n");
+    assert_same_checkout(&first, &second);
     // Now the second checkout's own: a rebuild there decides from its own store.
     let again = build(second.root(), &["build", "--cache", cache.path()]).ok();
     assert!(again.ran().is_empty(), "{}", again.describe());
@@ -295,6 +281,17 @@ fn two_checkouts_of_a_project_share_a_cache_both_ways() {
     let prog = Command::new(first.root().join("prog")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&prog.stdout), "91\n");
     cache.verify();
+}
+
+/// `second` holds what `first` holds, and its program prints what the Cotfile project's prints.
+pub fn assert_same_checkout(first: &Project, second: &Project) {
+    assert_eq!(
+        files_under(second.root(), &[]),
+        files_under(first.root(), &[]),
+        "the same files"
+    );
+    let prog = Command::new(second.root().join("prog")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&prog.stdout), "61\n");
 }
 
 /// bzip2 1.0.8 under `cot make -j2` in two checkouts at different paths. Its Makefile compiles
@@ -353,20 +350,7 @@ fn an_output_that_spells_out_its_checkout_stays_with_it() {
     let cache = Cache::new();
     let script = "pwd > where; cat in > copy";
     let run = |p: &Project| {
-        let run = cot(
-            p.root(),
-            &[
-                "run",
-                "--explain",
-                "--cache",
-                cache.path(),
-                "--",
-                "sh",
-                "-c",
-                script,
-            ],
-        );
-        assert_eq!(run.status, 0, "{}", run.describe());
+        let run = cache.sh(p.root(), script);
         let ran = run.stderr.contains("cot: ran: ");
         (run, ran)
     };
@@ -386,20 +370,7 @@ fn an_output_that_spells_out_its_checkout_stays_with_it() {
     fs::remove_dir_all(&place).unwrap();
     fs::create_dir_all(place.join(".cot")).unwrap();
     fs::write(place.join("in"), "x").unwrap();
-    let run = cot(
-        &place,
-        &[
-            "run",
-            "--explain",
-            "--cache",
-            cache.path(),
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-    );
-    assert_eq!(run.status, 0, "{}", run.describe());
+    let run = cache.sh(&place, script);
     assert!(
         run.stderr.contains("cached from the shared cache"),
         "{}",
@@ -423,7 +394,7 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
     // test user's thunks always do.
     let first = Project::new();
     first.write("in", "shared");
-    let run = cot_with_home(
+    cot_with_home(
         first.root(),
         &[
             "run",
@@ -435,8 +406,8 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
             "-c",
             script,
         ],
-    );
-    assert_eq!(run.status, 0, "{}", run.describe());
+    )
+    .ok();
     let before = cache.files();
 
     // By choice.
@@ -482,8 +453,8 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
             "-c",
             script,
         ],
-    );
-    assert_eq!(run.status, 0, "{}", run.describe());
+    )
+    .ok();
     assert!(
         run.stderr.contains("cached from the shared cache"),
         "{}",
@@ -491,7 +462,7 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
     );
     assert!(!run.stderr.contains("warning"), "{}", run.describe());
     assert_eq!(third.read("out").as_deref(), Some("shared"));
-    let run = cot_as_test_user(
+    cot_as_test_user(
         &third,
         &[
             "run",
@@ -502,8 +473,8 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
             "-c",
             "echo new > new",
         ],
-    );
-    assert_eq!(run.status, 0, "{}", run.describe());
+    )
+    .ok();
     assert_eq!(cache.files(), before, "nothing written");
 }
 
@@ -518,7 +489,7 @@ fn cot_with_home(dir: &Path, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    run_of(output)
+    Run::from(output)
 }
 
 /// Eight checkouts write the same thunk (half of them with the same input, so the same trace
@@ -576,19 +547,7 @@ fn concurrent_writers_never_corrupt_a_shared_cache() {
     let last = Project::new();
     last.write("in", "same");
     last.write("big", &big);
-    let run = cot(
-        last.root(),
-        &[
-            "run",
-            "--explain",
-            "--cache",
-            cache.path(),
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-    );
+    let run = cache.sh(last.root(), script);
     assert!(
         run.stderr.contains("cached from the shared cache"),
         "{}",
@@ -605,23 +564,7 @@ fn a_corrupt_shared_cache_costs_a_run_never_a_wrong_output() {
     let _machine = machine_shared();
     let cache = Cache::new();
     let script = "cat in > out";
-    let run = |p: &Project| {
-        let run = cot(
-            p.root(),
-            &[
-                "run",
-                "--explain",
-                "--cache",
-                cache.path(),
-                "--",
-                "sh",
-                "-c",
-                script,
-            ],
-        );
-        assert_eq!(run.status, 0, "{}", run.describe());
-        run
-    };
+    let run = |p: &Project| cache.sh(p.root(), script);
     let first = Project::new();
     first.write("in", "the right content");
     run(&first);
