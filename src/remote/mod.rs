@@ -235,7 +235,7 @@ impl Remote {
             match client.get_action_result(request).await {
                 Ok(response) => Ok(Some(response.into_inner())),
                 Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-                Err(status) => Err(status_error("GetActionResult", &status)),
+                Err(status) => Err(status.into()),
             }
         })?;
         let Some(result) = result else {
@@ -291,36 +291,14 @@ impl Remote {
         for batch in batches(&small) {
             let by_hash: HashMap<&str, &Digest> =
                 batch.iter().map(|(d, b)| (b.hash.as_str(), d)).collect();
-            let request = reapi::BatchReadBlobsRequest {
-                instance_name: self.instance.clone(),
-                digests: batch.iter().map(|(_, b)| b.digest()).collect(),
-                ..Default::default()
-            };
-            let responses = self.call("BatchReadBlobs", async |channel| {
-                let mut client = ContentAddressableStorageClient::new(channel);
-                client
-                    .batch_read_blobs(request)
-                    .await
-                    .map(|r| r.into_inner().responses)
-                    .map_err(|status| status_error("BatchReadBlobs", &status))
-            })?;
             let mut received = 0;
-            for response in responses {
-                let digest = response.digest.unwrap_or_default();
-                let Some(blake3) = by_hash.get(digest.hash.as_str()) else {
+            for (blob, data) in self.batch_read(batch.iter().map(|(_, b)| b))? {
+                let Some(blake3) = by_hash.get(blob.hash.as_str()) else {
                     continue;
                 };
-                let code = response.status.map_or(0, |s| s.code);
-                if code != 0 {
-                    return Err(Error::Failed(format!(
-                        "blob {} could not be read (status {code})",
-                        digest.hash
-                    )));
-                }
-                let blob = Blob::from_digest(&digest);
-                check_blob(&blob, &response.data)?;
+                check_blob(&blob, &data)?;
                 let mut writer = cas.writer()?;
-                writer.write(&response.data)?;
+                writer.write(&data)?;
                 writer.finish(blake3, &format!("{}: blob {}", self.url, blob.hash))?;
                 received += 1;
             }
@@ -382,11 +360,11 @@ impl Remote {
         };
         let missing = self.call("FindMissingBlobs", async |channel| {
             let mut client = ContentAddressableStorageClient::new(channel);
-            client
+            Ok(client
                 .find_missing_blobs(request)
-                .await
-                .map(|r| r.into_inner().missing_blob_digests)
-                .map_err(|status| status_error("FindMissingBlobs", &status))
+                .await?
+                .into_inner()
+                .missing_blob_digests)
         })?;
         let mut batch: Vec<(Blob, Vec<u8>)> = Vec::new();
         let mut batch_bytes = 0;
@@ -423,11 +401,8 @@ impl Remote {
         };
         self.call("UpdateActionResult", async |channel| {
             let mut client = ActionCacheClient::new(channel);
-            client
-                .update_action_result(request)
-                .await
-                .map(|_| ())
-                .map_err(|status| status_error("UpdateActionResult", &status))
+            client.update_action_result(request).await?;
+            Ok(())
         })?;
         Ok(true)
     }
@@ -447,11 +422,11 @@ impl Remote {
         };
         let responses = self.call("BatchUpdateBlobs", async |channel| {
             let mut client = ContentAddressableStorageClient::new(channel);
-            client
+            Ok(client
                 .batch_update_blobs(request)
-                .await
-                .map(|r| r.into_inner().responses)
-                .map_err(|status| status_error("BatchUpdateBlobs", &status))
+                .await?
+                .into_inner()
+                .responses)
         })?;
         for response in responses {
             let code = response.status.map_or(0, |s| s.code);
@@ -523,41 +498,53 @@ impl Remote {
         }
         self.call("ByteStream.Write", async |channel| {
             let mut client = ByteStreamClient::new(channel);
-            client
-                .write(tokio_stream(requests))
-                .await
-                .map(|_| ())
-                .map_err(|status| status_error("ByteStream.Write", &status))
+            client.write(tokio_stream(requests)).await?;
+            Ok(())
         })
     }
 
     /// Reads a blob whole (a small one, e.g. cot's record), through a batch.
     fn read_blob(&self, blob: &Blob) -> Result<Vec<u8>, Error> {
+        let (_, data) = self
+            .batch_read(std::iter::once(blob))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Failed(format!("blob {} was not sent", blob.hash)))?;
+        Ok(data)
+    }
+
+    /// Reads small blobs in one BatchReadBlobs call: each blob the server sent, as it names
+    /// it, with its data (unchecked). A blob the server says it could not read fails the call.
+    fn batch_read<'b>(
+        &self,
+        blobs: impl Iterator<Item = &'b Blob>,
+    ) -> Result<Vec<(Blob, Vec<u8>)>, Error> {
         let request = reapi::BatchReadBlobsRequest {
             instance_name: self.instance.clone(),
-            digests: vec![blob.digest()],
+            digests: blobs.map(Blob::digest).collect(),
             ..Default::default()
         };
         let responses = self.call("BatchReadBlobs", async |channel| {
             let mut client = ContentAddressableStorageClient::new(channel);
-            client
+            Ok(client
                 .batch_read_blobs(request)
-                .await
-                .map(|r| r.into_inner().responses)
-                .map_err(|status| status_error("BatchReadBlobs", &status))
+                .await?
+                .into_inner()
+                .responses)
         })?;
-        let response = responses
+        responses
             .into_iter()
-            .next()
-            .ok_or_else(|| Error::Failed(format!("blob {} was not sent", blob.hash)))?;
-        let code = response.status.map_or(0, |s| s.code);
-        if code != 0 {
-            return Err(Error::Failed(format!(
-                "blob {} could not be read (status {code})",
-                blob.hash
-            )));
-        }
-        Ok(response.data)
+            .map(|response| {
+                let blob = Blob::from_digest(&response.digest.unwrap_or_default());
+                match response.status.map_or(0, |s| s.code) {
+                    0 => Ok((blob, response.data)),
+                    code => Err(Error::Failed(format!(
+                        "blob {} could not be read (status {code})",
+                        blob.hash
+                    ))),
+                }
+            })
+            .collect()
     }
 
     /// Downloads a large blob through ByteStream into the content store.
@@ -572,16 +559,8 @@ impl Remote {
         let mut size = 0u64;
         self.call("ByteStream.Read", async |channel| {
             let mut client = ByteStreamClient::new(channel);
-            let mut stream = client
-                .read(request)
-                .await
-                .map_err(|status| status_error("ByteStream.Read", &status))?
-                .into_inner();
-            while let Some(piece) = stream
-                .message()
-                .await
-                .map_err(|status| status_error("ByteStream.Read", &status))?
-            {
+            let mut stream = client.read(request).await?.into_inner();
+            while let Some(piece) = stream.message().await? {
                 hasher.update(&piece.data);
                 size += piece.data.len() as u64;
                 writer.write(&piece.data)?;
@@ -610,7 +589,7 @@ impl Remote {
     fn call<T>(
         &self,
         what: &str,
-        call: impl AsyncFnOnce(Channel) -> Result<T, Error>,
+        call: impl AsyncFnOnce(Channel) -> Result<T, Failure>,
     ) -> Result<T, Error> {
         if let Some(why) = self.down() {
             return Err(Error::Unreachable(why));
@@ -618,7 +597,10 @@ impl Remote {
         let result = self.runtime.block_on(async {
             let attempt = async {
                 let channel = self.channel().await?;
-                call(channel).await
+                call(channel).await.map_err(|failure| match failure {
+                    Failure::Status(status) => status_error(what, &status),
+                    Failure::Cot(error) => error,
+                })
             };
             match tokio::time::timeout(self.timeout, attempt).await {
                 Ok(result) => result,
@@ -846,6 +828,25 @@ fn tokio_stream(
     requests: Vec<WriteRequest>,
 ) -> impl tonic::codegen::tokio_stream::Stream<Item = WriteRequest> {
     tonic::codegen::tokio_stream::iter(requests)
+}
+
+/// How a call fails: the server's status (made an [`Error`] naming the call by
+/// [`Remote::call`]), or cot's own error (e.g. storing what arrives).
+enum Failure {
+    Status(tonic::Status),
+    Cot(Error),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Failure {
+        Failure::Status(status)
+    }
+}
+
+impl<E: Into<Error>> From<E> for Failure {
+    fn from(error: E) -> Failure {
+        Failure::Cot(error.into())
+    }
 }
 
 /// The error of a call the server answered with `status`: a server that is going away or
