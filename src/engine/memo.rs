@@ -582,21 +582,8 @@ fn captured_outputs(
         // Entries outside the root are the directories the thunk made on the way to it.
         for (view, layer_file) in changes.upper {
             let meta = fs::symlink_metadata(&layer_file).map_err(|e| io_error(&layer_file, e))?;
-            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
-            let state = match file_kind(&meta) {
-                FileKind::File => {
-                    let (digest, size) = cas.put_file(&layer_file)?;
-                    OutputState::File { digest, mode, size }
-                }
-                FileKind::Dir => OutputState::Dir { mode },
-                FileKind::Symlink => OutputState::Symlink {
-                    target: fs::read_link(&layer_file)
-                        .map_err(|e| io_error(&layer_file, e))?
-                        .as_os_str()
-                        .as_bytes()
-                        .to_vec(),
-                },
-                FileKind::Other => continue,
+            let Some(state) = stored_state(&layer_file, &meta, cas)? else {
+                continue;
             };
             outputs.push(Output {
                 path: paths.to_store(&view),
@@ -844,30 +831,9 @@ fn outputs(
         let real = binds.real(&view);
         let state = match fs::symlink_metadata(&real) {
             Err(_) => OutputState::Deleted,
-            Ok(meta) => match file_kind(&meta) {
-                FileKind::File => {
-                    let (digest, size) = cas.put_file(&real)?;
-                    OutputState::File {
-                        digest,
-                        mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
-                        size,
-                    }
-                }
-                FileKind::Dir => OutputState::Dir {
-                    mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
-                },
-                FileKind::Symlink => OutputState::Symlink {
-                    target: fs::read_link(&real)
-                        .map_err(|e| Error::Path {
-                            path: real.clone(),
-                            message: e.to_string(),
-                        })?
-                        .as_os_str()
-                        .as_bytes()
-                        .to_vec(),
-                },
-                // Fifos and sockets carry no content to restore.
-                FileKind::Other => continue,
+            Ok(meta) => match stored_state(&real, &meta, cas)? {
+                Some(state) => state,
+                None => continue,
             },
         };
         outputs.push(Output {
@@ -876,6 +842,30 @@ fn outputs(
         });
     }
     Ok(outputs)
+}
+
+/// The output state of the file at `path` (whose metadata is `meta`), its content put in the
+/// content store; `None` for fifos and sockets, which carry no content to restore.
+fn stored_state(path: &Path, meta: &fs::Metadata, cas: &Cas) -> Result<Option<OutputState>, Error> {
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+    Ok(Some(match file_kind(meta) {
+        FileKind::File => {
+            let (digest, size) = cas.put_file(path)?;
+            OutputState::File { digest, mode, size }
+        }
+        FileKind::Dir => OutputState::Dir { mode },
+        FileKind::Symlink => OutputState::Symlink {
+            target: fs::read_link(path)
+                .map_err(|e| Error::Path {
+                    path: path.to_path_buf(),
+                    message: format!("cannot read the output link: {e}"),
+                })?
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+        },
+        FileKind::Other => return Ok(None),
+    }))
 }
 
 fn walk(real: &Path, view: &Path, into: &mut Vec<PathBuf>) {

@@ -227,19 +227,8 @@ pub fn plan_install(db: &Db, mut new: Package, force: bool) -> Result<InstallPla
                     continue;
                 }
                 let now = status(&real, state)?;
-                if let Some(owner) = owners.get(&real) {
-                    conflicts.push(Conflict {
-                        path: real.clone(),
-                        why: format!("belongs to package {owner}"),
-                        forceable: true,
-                    });
-                    taken_over.push(TakenOver {
-                        path: bytes(&real),
-                        from: Some(owner.to_string()),
-                    });
-                    taken_from.entry(owner).or_default().insert(real.clone());
-                    place.push((real, state.clone()));
-                } else if let Some(installed) = old_files.get(&real) {
+                let owner = owners.get(&real).copied();
+                if let (None, Some(installed)) = (owner, old_files.get(&real)) {
                     if now != Status::Intact {
                         // Not as the installed version left it either: changed since.
                         if status(&real, &installed.state)? != Status::Intact {
@@ -247,23 +236,29 @@ pub fn plan_install(db: &Db, mut new: Package, force: bool) -> Result<InstallPla
                         }
                         place.push((real, state.clone()));
                     }
-                } else {
-                    let identical = if now == Status::Intact {
-                        " (with the same content)"
-                    } else {
-                        ""
-                    };
-                    conflicts.push(Conflict {
-                        path: real.clone(),
-                        why: format!("exists and belongs to no package{identical}"),
-                        forceable: true,
-                    });
-                    taken_over.push(TakenOver {
-                        path: bytes(&real),
-                        from: None,
-                    });
-                    place.push((real, state.clone()));
+                    continue;
                 }
+                // Another package's, or nobody's: a conflict --force takes over.
+                let why = match owner {
+                    Some(owner) => format!("belongs to package {owner}"),
+                    None if now == Status::Intact => {
+                        "exists and belongs to no package (with the same content)".into()
+                    }
+                    None => "exists and belongs to no package".into(),
+                };
+                conflicts.push(Conflict {
+                    path: real.clone(),
+                    why,
+                    forceable: true,
+                });
+                taken_over.push(TakenOver {
+                    path: bytes(&real),
+                    from: owner.map(str::to_string),
+                });
+                if let Some(owner) = owner {
+                    taken_from.entry(owner).or_default().insert(real.clone());
+                }
+                place.push((real, state.clone()));
             }
         }
     }
