@@ -38,15 +38,7 @@ fn script_path(name: &str) -> String {
 }
 
 fn key(name: &str) -> ThunkKey {
-    ThunkKey {
-        argv: vec![name.as_bytes().to_vec()],
-        cwd: path(""),
-        env: Vec::new(),
-        system_root: b"/".to_vec(),
-        options: Vec::new(),
-        parent: None,
-        target: None,
-    }
+    ThunkKey::of_command(&[name])
 }
 
 #[derive(Default)]

@@ -314,15 +314,7 @@ mod tests {
     use crate::store::model::{Output, OutputState, StorePath, Trace};
 
     fn key(n: u8) -> ThunkKey {
-        ThunkKey {
-            argv: vec![b"cc".to_vec(), vec![b'0' + n]],
-            cwd: StorePath::Project(Vec::new()),
-            env: Vec::new(),
-            system_root: b"/".to_vec(),
-            options: Vec::new(),
-            parent: None,
-            target: None,
-        }
+        ThunkKey::of_command(&["cc", &n.to_string()])
     }
 
     /// A trace writing `content` to `out`, its contents in `cas`.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::apply::{self, plan_install, plan_remove};
 use super::{Db, Entry, Origin, Package};
-use crate::store::model::{OutputState, StorePath, ThunkKey, Trace};
+use crate::store::model::{OutputState, ThunkKey, Trace};
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -79,15 +79,7 @@ impl Fixture {
             origin: Origin {
                 command: vec![b"make".to_vec(), b"install".to_vec()],
                 cwd: b"/src".to_vec(),
-                key: ThunkKey {
-                    argv: vec![b"make".to_vec()],
-                    cwd: StorePath::Project(Vec::new()),
-                    env: Vec::new(),
-                    system_root: b"/".to_vec(),
-                    options: Vec::new(),
-                    parent: None,
-                    target: None,
-                },
+                key: ThunkKey::of_command(&["make"]),
                 trace_id: [0; 32],
                 trace: Trace {
                     inputs: Vec::new(),

@@ -204,6 +204,22 @@ pub struct ThunkKey {
     pub target: Option<Vec<u8>>,
 }
 
+#[cfg(test)]
+impl ThunkKey {
+    /// The key of `argv` run at the project root, with no environment, as tests want it.
+    pub fn of_command(argv: &[&str]) -> ThunkKey {
+        ThunkKey {
+            argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            cwd: StorePath::Project(Vec::new()),
+            env: Vec::new(),
+            system_root: b"/".to_vec(),
+            options: Vec::new(),
+            parent: None,
+            target: None,
+        }
+    }
+}
+
 /// What the store keeps of the last build of a root thunk: which thunks it used, and a
 /// snapshot of every path it read or wrote as the build left them, so that a build in which
 /// no path changed is decided without loading any trace.

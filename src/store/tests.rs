@@ -19,13 +19,8 @@ fn project(path: &str) -> StorePath {
 
 fn key(command: &str) -> ThunkKey {
     ThunkKey {
-        argv: command.split(' ').map(|a| a.as_bytes().to_vec()).collect(),
-        cwd: project(""),
         env: vec![(b"PATH".to_vec(), b"/usr/bin".to_vec())],
-        system_root: b"/".to_vec(),
-        options: Vec::new(),
-        parent: None,
-        target: None,
+        ..ThunkKey::of_command(&command.split(' ').collect::<Vec<_>>())
     }
 }
 
