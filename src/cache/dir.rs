@@ -77,6 +77,12 @@ impl SharedDir {
     /// Opens the cache at `root`: for writing, creating it if needed, unless `read_only` or
     /// the caller cannot write there; then it must exist.
     pub fn open(root: &Path, read_only: bool) -> Result<SharedDir, Error> {
+        if root.exists() && !root.is_dir() {
+            return Err(Error::Corrupt {
+                path: root.to_path_buf(),
+                reason: "not a directory".into(),
+            });
+        }
         let writable = !read_only && can_write(root);
         let traces = root.join("traces");
         let cas = if writable {

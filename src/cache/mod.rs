@@ -177,6 +177,17 @@ impl Caches {
         caches
     }
 
+    /// `options` without the caches this process could not open and the remote cache it gave
+    /// up, so that opening them again (to write what ran) neither waits nor warns again.
+    pub fn without_failed(&self, options: &CacheOptions) -> CacheOptions {
+        let remote_up = self.remote.as_ref().is_some_and(|r| r.down().is_none());
+        CacheOptions {
+            dir: options.dir.clone().filter(|_| self.dir.is_some()),
+            remote: options.remote.clone().filter(|_| remote_up),
+            ..options.clone()
+        }
+    }
+
     /// The tiers to ask, in order.
     pub fn tiers(&self) -> Vec<Tier> {
         let mut tiers = Vec::new();

@@ -186,6 +186,13 @@ impl SandboxArgs {
     /// The caches to use: these options over cot.toml's `[cache]` of the project.
     pub fn cache_options(&self, project_root: &std::path::Path) -> Result<CacheOptions> {
         let config = crate::cli::build::cache_config(project_root)?;
+        // A malformed URL is a mistake to fix, not a cache to do without.
+        if let Some(url) = &self.remote {
+            crate::remote::parse_url(url).map_err(|e| anyhow::anyhow!("--remote: {e}"))?;
+        } else if let Some(url) = &config.remote {
+            crate::remote::parse_url(url)
+                .map_err(|e| anyhow::anyhow!("cot.toml: [cache] remote: {e}"))?;
+        }
         Ok(CacheOptions {
             dir: self
                 .cache

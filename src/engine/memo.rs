@@ -144,6 +144,7 @@ pub fn run(
     let mut hashes = 0;
     let mut decided_in = Duration::ZERO;
     let mut caches = None;
+    let mut cache_options = options.caches.clone();
     if !options.no_cache {
         let traces = client.traces(id)?;
         let lazy = LazyStates(std::cell::RefCell::new(&mut client));
@@ -155,8 +156,8 @@ pub fn run(
                 // A content the project's store lacks (collected, or a store shared with
                 // --store) may be in the shared cache.
                 let blobs = crate::cache::portable::blobs(trace);
-                if !options.caches.is_empty() && !blobs.iter().all(|d| cas.contains(d)) {
-                    let opened = Caches::open(&options.caches, paths.names());
+                if !cache_options.is_empty() && !blobs.iter().all(|d| cas.contains(d)) {
+                    let opened = Caches::open(&cache_options, paths.names());
                     opened.fill(&blobs, &cas);
                     caches = Some(opened);
                 }
@@ -174,10 +175,10 @@ pub fn run(
                 None
             }
         };
-        if hit.is_none() && !options.caches.is_empty() {
+        if hit.is_none() && !cache_options.is_empty() {
             let opened = caches
                 .take()
-                .unwrap_or_else(|| Caches::open(&options.caches, paths.names()));
+                .unwrap_or_else(|| Caches::open(&cache_options, paths.names()));
             hit = from_caches(&opened, id, &traces, &observer, &cas, run_options);
             caches = Some(opened);
         }
@@ -219,7 +220,9 @@ pub fn run(
     }
     // Nothing of a cache stays open while the sandbox is launched (it needs this process
     // single-threaded); it is opened again to take the trace.
-    drop(caches);
+    if let Some(caches) = caches {
+        cache_options = caches.without_failed(&cache_options);
+    }
 
     let ran = super::execute(thunk, run_options)?;
     let recorded = record_run(
@@ -233,8 +236,8 @@ pub fn run(
         None,
     )?;
     if let Some((_, trace)) = recorded.as_ref().filter(|(_, t)| t.exit_code == 0) {
-        if !options.caches.is_empty() {
-            let caches = Caches::open(&options.caches, paths.names());
+        if !cache_options.is_empty() {
+            let caches = Caches::open(&cache_options, paths.names());
             caches.export(&key, trace, &cas);
             warn(&caches);
         }

@@ -175,18 +175,12 @@ impl Remote {
     /// The remote cache at `url` (`grpc://HOST:PORT[/INSTANCE]`); nothing is sent yet. The
     /// host is resolved here, so no call needs a thread of its own.
     pub fn new(url: &str, timeout: Duration) -> Result<Remote, Error> {
-        let bad = |why: &str| Error::Url(format!("{url:?}: {why} (expected grpc://HOST:PORT)"));
-        let rest = match url.split_once("://") {
-            Some(("grpc", rest)) => rest,
-            Some(("grpcs", _)) => return Err(bad("TLS is not supported")),
-            _ => return Err(bad("not a grpc:// URL")),
-        };
-        let (authority, instance) = rest.split_once('/').unwrap_or((rest, ""));
+        let (authority, instance) = parse_url(url)?;
         let address = authority
             .to_socket_addrs()
-            .map_err(|e| bad(&e.to_string()))?
+            .map_err(|e| Error::Unreachable(format!("{authority}: {e}")))?
             .next()
-            .ok_or_else(|| bad("no address"))?;
+            .ok_or_else(|| Error::Unreachable(format!("{authority}: no address")))?;
         // A runtime on the calling thread: no thread is started (a sandbox is launched only
         // by a single-threaded process).
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -849,6 +843,24 @@ impl<E: Into<Error>> From<E> for Failure {
     }
 }
 
+/// The server (`HOST:PORT`) and instance name of a `grpc://HOST:PORT[/INSTANCE]` URL; an
+/// error saying what is wrong with any other.
+pub fn parse_url(url: &str) -> Result<(&str, &str), Error> {
+    let bad = |why: &str| Error::Url(format!("{url:?}: {why} (expected grpc://HOST:PORT)"));
+    let rest = match url.split_once("://") {
+        Some(("grpc", rest)) => rest,
+        Some(("grpcs", _)) => return Err(bad("TLS is not supported")),
+        _ => return Err(bad("not a grpc:// URL")),
+    };
+    let (authority, instance) = rest.split_once('/').unwrap_or((rest, ""));
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok((authority, instance))
+        }
+        _ => Err(bad("no port")),
+    }
+}
+
 /// The error of a call the server answered with `status`: a server that is going away or
 /// too slow is unreachable; anything else failed.
 fn status_error(what: &str, status: &tonic::Status) -> Error {
@@ -876,9 +888,22 @@ mod tests {
         assert_eq!(remote.address, "127.0.0.1:9092".parse().unwrap());
         let remote = Remote::new("grpc://[::1]:9092/main/", DEFAULT_TIMEOUT).unwrap();
         assert_eq!(remote.instance, "main");
-        for bad in ["http://h:1", "grpcs://h:1", "grpc://nohost", "127.0.0.1:1"] {
+        for bad in [
+            "http://h:1",
+            "grpcs://h:1",
+            "grpc://nohost",
+            "grpc://:1",
+            "grpc://h:99999",
+            "grpc://h:x/i",
+            "127.0.0.1:1",
+        ] {
+            assert!(matches!(parse_url(bad), Err(Error::Url(_))), "{bad}");
             assert!(Remote::new(bad, DEFAULT_TIMEOUT).is_err(), "{bad}");
         }
+        assert_eq!(
+            parse_url("grpc://cache.example:443/a").unwrap(),
+            ("cache.example:443", "a")
+        );
     }
 
     #[test]

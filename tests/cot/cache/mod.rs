@@ -619,3 +619,53 @@ fn a_corrupt_shared_cache_costs_a_run_never_a_wrong_output() {
     assert_eq!(third.read("out").as_deref(), Some("the right content"));
     cache.verify();
 }
+
+/// A malformed remote URL, on the command line or in cot.toml, is an error naming it; a
+/// shared cache that cannot be used (a file) is one warning, and the build goes on.
+#[test]
+fn a_misconfigured_cache_is_named() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let p = Project::new();
+    let run = cot(p.root(), &["run", "--remote", "http://h:1", "--", "true"]);
+    assert_eq!(run.status, 125, "{}", run.describe());
+    assert!(
+        run.stderr
+            .contains("--remote: \"http://h:1\": not a grpc:// URL"),
+        "{}",
+        run.describe()
+    );
+    p.write("cot.toml", "[cache]\nremote = \"grpc://cache.example\"\n");
+    let run = cot(p.root(), &["run", "--", "true"]);
+    assert_eq!(run.status, 125, "{}", run.describe());
+    assert!(
+        run.stderr
+            .contains("[cache] remote: \"grpc://cache.example\": no port"),
+        "{}",
+        run.describe()
+    );
+    fs::remove_file(p.root().join("cot.toml")).unwrap();
+    p.write("not-a-dir", "");
+    let cache = p.root().join("not-a-dir");
+    let run = cot(
+        p.root(),
+        &[
+            "run",
+            "--cache",
+            cache.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo x > out",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        run.stderr.matches("cannot use the shared cache").count(),
+        1,
+        "{}",
+        run.describe()
+    );
+    assert!(run.stderr.contains("not a directory"), "{}", run.describe());
+    assert_eq!(p.read("out").as_deref(), Some("x\n"));
+}
