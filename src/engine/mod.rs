@@ -217,14 +217,8 @@ pub fn execute_with(
         .extend(options.capture.iter().map(|p| capture_scope(p)));
     let capture = capture::Capture::new(&layer.stdout, &layer.stderr).map_err(Error::Layer)?;
     let (stdout, stderr) = capture.fds();
-    // Writable roots that live in /tmp stay visible in the thunk's private /tmp.
     let spec = Spec {
-        tmp_keep: fs_options
-            .writable
-            .iter()
-            .filter(|dir| dir.starts_with(PRIVATE_TMP) && *dir != Path::new(PRIVATE_TMP))
-            .cloned()
-            .collect(),
+        tmp_keep: tmp_keep(&fs_options.writable)?,
         stdout: Some(stdout),
         stderr: Some(stderr),
         ..spec
@@ -400,6 +394,33 @@ pub fn view_binds(thunk: &Thunk, project_root: &Path) -> Result<Vec<(PathBuf, Pa
 /// [`RunOptions::capture`]): `path` itself, or when it does not exist yet, its highest
 /// missing ancestor, so that `mkdir -p` can make it. What the thunk writes there outside
 /// `path` is refused after the run.
+/// What of the host's /tmp the thunk's private /tmp shows: each writable root in /tmp, or for
+/// one that does not exist yet (a prefix an installer makes), its nearest existing ancestor
+/// below /tmp; none inside another.
+fn tmp_keep(writable: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
+    let tmp = Path::new(PRIVATE_TMP);
+    let mut keep = Vec::new();
+    for dir in writable.iter().filter(|d| d.starts_with(tmp) && *d != tmp) {
+        let existing = dir
+            .ancestors()
+            .find(|a| a.symlink_metadata().is_ok())
+            .unwrap_or(tmp);
+        if existing == tmp {
+            return Err(Error::Path {
+                path: dir.clone(),
+                message: "does not exist, and a thunk's /tmp is private: of the host's /tmp it \
+                          sees only directories that exist (make it first, or use /var/tmp)"
+                    .into(),
+            });
+        }
+        keep.push(existing.to_path_buf());
+    }
+    keep.sort();
+    keep.dedup();
+    let nested = |d: &PathBuf| keep.iter().any(|k| k != d && d.starts_with(k));
+    Ok(keep.iter().filter(|d| !nested(d)).cloned().collect())
+}
+
 pub fn capture_scope(path: &Path) -> PathBuf {
     let mut scope = path;
     while let Some(parent) = scope.parent() {

@@ -361,6 +361,40 @@ fn conflicts_stop_an_install_before_anything_is_written() {
     assert!(t.list().is_empty());
 }
 
+/// A prefix in /tmp, which the installer sees through its private /tmp: one to be made in an
+/// existing directory is captured and installed; one whose every missing ancestor is directly
+/// in /tmp is refused, naming it.
+#[test]
+fn a_prefix_in_tmp_is_installed_into() {
+    require_sandbox!();
+    let _machine = machine_shared();
+    let t = Pkgs::new();
+    toy(&t.p, "tmp-1.0", 2, "tmp's\n");
+    let host_tmp = tempfile::Builder::new()
+        .prefix("cot-test-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let prefix = host_tmp.path().join("opt/tmp");
+    let prefix = prefix.to_str().unwrap();
+    install_toy(&t, "tmp-1.0", prefix, &[]).ok();
+    assert_eq!(
+        fs::read_to_string(format!("{prefix}/share/shared")).unwrap(),
+        "tmp's\n"
+    );
+    t.cot(&["uninstall", "tmp"]).ok();
+    assert!(!host_tmp.path().join("opt").exists());
+
+    let missing = format!("{}-missing/prefix", host_tmp.path().display());
+    let run = install_toy(&t, "tmp-1.0", &missing, &[]);
+    assert_eq!(run.status, 125, "{}", run.describe());
+    assert!(
+        run.stderr.contains(&format!("{missing}: does not exist")),
+        "{}",
+        run.describe()
+    );
+    assert!(t.list().is_empty());
+}
+
 #[test]
 fn an_installer_that_fails_or_writes_beside_the_prefix_installs_nothing() {
     require_sandbox!();
