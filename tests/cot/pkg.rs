@@ -361,6 +361,106 @@ fn conflicts_stop_an_install_before_anything_is_written() {
     assert!(t.list().is_empty());
 }
 
+/// The Python that runs `python3` here, if it has pip: its real executable (a version
+/// manager's shim would write outside the prefix).
+fn python_with_pip() -> Option<PathBuf> {
+    let output = Command::new("python3")
+        .args(["-c", "import sys, pip; print(sys.executable)"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(PathBuf::from(String::from_utf8(output.stdout).ok()?.trim()))
+}
+
+/// `pip install --prefix` of a wheel as a package: its version read from the wheel's
+/// metadata, its files listed and importable, removed whole, and installed again by
+/// substitution.
+#[test]
+fn a_pip_install_is_a_package() {
+    require_sandbox!();
+    let Some(python) = python_with_pip() else {
+        return crate::harness::skip("python3 with pip is not installed");
+    };
+    let _machine = machine_shared();
+    let t = Pkgs::new();
+    // A wheel made here, so that nothing is downloaded: a module and its metadata.
+    let wheel = t.path("toypy-0.3-py3-none-any.whl");
+    let make_wheel = format!(
+        "import zipfile\n\
+         files = {{'toypy.py': 'ANSWER = 42\\n',\n\
+          'toypy-0.3.dist-info/METADATA': 'Metadata-Version: 2.1\\nName: toypy\\nVersion: 0.3\\n',\n\
+          'toypy-0.3.dist-info/WHEEL': 'Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n'}}\n\
+         files['toypy-0.3.dist-info/RECORD'] = ''.join(n + ',,\\n' for n in files) + 'toypy-0.3.dist-info/RECORD,,\\n'\n\
+         with zipfile.ZipFile('{wheel}', 'w') as z:\n\
+         \x20   for name, text in files.items(): z.writestr(name, text)\n"
+    );
+    let made = Command::new(&python)
+        .args(["-c", &make_wheel])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let prefix = t.path("py");
+    let python = python.to_str().unwrap();
+    let install = [
+        "install",
+        "--name",
+        "toypy",
+        "--prefix",
+        &prefix,
+        "--",
+        python,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--ignore-installed",
+        "--no-compile",
+        "--disable-pip-version-check",
+        "--prefix",
+        &prefix,
+        &wheel,
+    ];
+    let run = t.cot(&install).ok();
+    assert!(
+        run.stderr.contains("ran the installer"),
+        "{}",
+        run.describe()
+    );
+    let listed = t.list();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0][..2], ["toypy", "0.3"], "{listed:?}");
+    let files = t.cot(&["pkg", "files", "toypy"]).ok();
+    let module = files
+        .stdout
+        .lines()
+        .find(|l| l.ends_with("/site-packages/toypy.py"))
+        .unwrap_or_else(|| panic!("{}", files.describe()))
+        .to_string();
+    let site = Path::new(&module).parent().unwrap();
+    let imported = Command::new(python)
+        .args(["-c", "import toypy; print(toypy.ANSWER)"])
+        .env("PYTHONPATH", site)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&imported.stdout), "42\n");
+    t.cot(&["pkg", "verify", "toypy"]).ok();
+
+    t.cot(&["uninstall", "toypy"]).ok();
+    assert!(!Path::new(&prefix).exists());
+    let run = t.cot(&install).ok();
+    assert!(
+        run.stderr.contains("substituted from the content store"),
+        "{}",
+        run.describe()
+    );
+    assert!(Path::new(&module).exists());
+}
+
 /// A prefix in /tmp, which the installer sees through its private /tmp: one to be made in an
 /// existing directory is captured and installed; one whose every missing ancestor is directly
 /// in /tmp is refused, naming it.
