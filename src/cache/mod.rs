@@ -94,6 +94,15 @@ pub struct Candidate {
     source: Source,
 }
 
+impl Candidate {
+    fn tier(&self) -> Tier {
+        match self.source {
+            Source::Dir { .. } => Tier::Dir,
+            Source::Remote { .. } => Tier::Remote,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Source {
     /// A trace file of the shared directory, by its digest.
@@ -245,7 +254,7 @@ impl Caches {
                     .into_iter()
                     .filter_map(|(entry, found)| {
                         Some(Candidate {
-                            trace: found.local(&self.names)?,
+                            trace: self.confined(tier, id, found.local(&self.names)?)?,
                             source: Source::Dir { entry },
                         })
                     })
@@ -260,7 +269,9 @@ impl Caches {
                 match remote.lookup(id) {
                     Ok(found) => {
                         let found = found?;
-                        let candidate = found.entry.local(&self.names).map(|trace| Candidate {
+                        let trace = found.entry.local(&self.names);
+                        let trace = trace.and_then(|trace| self.confined(tier, id, trace));
+                        let candidate = trace.map(|trace| Candidate {
                             trace,
                             source: Source::Remote { blobs: found.blobs },
                         });
@@ -274,6 +285,22 @@ impl Caches {
                         None
                     }
                 }
+            }
+        }
+    }
+
+    /// The trace, if it writes only inside the project ([`portable::confined`]); otherwise a
+    /// warning naming it, and nothing.
+    fn confined(&self, tier: Tier, id: &ThunkId, trace: Trace) -> Option<Trace> {
+        match portable::confined(&trace) {
+            Ok(()) => Some(trace),
+            Err(why) => {
+                self.warn_once(format!(
+                    "{}: a trace of thunk {} {why}; refused",
+                    self.describe(tier),
+                    &hex(id)[..12]
+                ));
+                None
             }
         }
     }
@@ -322,6 +349,16 @@ impl Caches {
                 })
             }
         };
+        // Whatever a tier said, the trace is used only with every content in the project's
+        // store (a server may answer a batch with one blob twice and another not at all).
+        let result = result.and_then(|()| match digests.iter().find(|d| !cas.contains(d)) {
+            None => Ok(()),
+            Some(missing) => Err(format!(
+                "{}: content {} did not arrive",
+                self.describe(candidate.tier()),
+                &hex(missing)[..12]
+            )),
+        });
         if let Err(message) = &result {
             self.warn_once(format!("{message}; running the thunk instead"));
         }
@@ -350,7 +387,8 @@ impl Caches {
             .remote
             .as_ref()
             .filter(|r| self.upload && r.down().is_none());
-        if dir.is_none() && remote.is_none() {
+        // A trace that wrote outside the project would be refused by every reader.
+        if (dir.is_none() && remote.is_none()) || portable::confined(trace).is_err() {
             return;
         }
         let entry = Entry::new(trace, &self.names, cas);
@@ -381,6 +419,94 @@ impl Caches {
     fn warn_once(&self, message: String) {
         if self.warned.lock().insert(message.clone()) {
             self.pending.lock().push(message);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::model::{Output, OutputState, StorePath};
+
+    /// A trace whose outputs are `outputs` (files with the content "x", or symlinks).
+    fn trace(cas: &Cas, outputs: &[(StorePath, bool)], ran_at_ns: i64) -> Trace {
+        let x = cas.put_bytes(b"x").unwrap();
+        let state = |link: bool| match link {
+            true => OutputState::Symlink {
+                target: b"/home".to_vec(),
+            },
+            false => OutputState::File {
+                digest: x,
+                mode: 0o644,
+                size: 1,
+            },
+        };
+        Trace {
+            outputs: outputs
+                .iter()
+                .map(|(path, link)| Output {
+                    path: path.clone(),
+                    state: state(*link),
+                })
+                .collect(),
+            stdout: x,
+            stderr: x,
+            exit_code: 0,
+            duration_ns: 0,
+            ran_at_ns,
+            inputs: Vec::new(),
+            children: Vec::new(),
+            events: Vec::new(),
+            internal: Vec::new(),
+        }
+    }
+
+    /// Traces a writer of the shared cache forged to write outside the project are refused
+    /// with a warning naming them; the one that stays inside is a candidate.
+    #[test]
+    fn a_trace_writing_outside_the_project_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cas = Cas::open(&tmp.path().join("cas")).unwrap();
+        let dir = SharedDir::open(&tmp.path().join("shared"), false).unwrap();
+        let project = |p: &str| StorePath::Project(p.as_bytes().to_vec());
+        let key = ThunkKey::of_command(&["make"]);
+        let forged: Vec<Vec<(StorePath, bool)>> = vec![
+            vec![(project("../escape"), false)],
+            vec![(project("a/./b"), false)],
+            vec![(project(""), false)],
+            vec![(StorePath::Absolute(b"/etc/cron.d/x".to_vec()), false)],
+            vec![(project("link"), true), (project("link/.profile"), false)],
+            vec![(project("ok/file"), false), (project("okay"), true)],
+        ];
+        for (n, outputs) in forged.iter().enumerate() {
+            let trace = trace(&cas, outputs, n as i64);
+            let entry = portable::Entry {
+                pinned: Vec::new(),
+                trace: trace.clone(),
+            };
+            dir.put(&key, &entry, &portable::blobs(&trace), &cas)
+                .unwrap();
+        }
+        let options = CacheOptions {
+            dir: Some(tmp.path().join("shared")),
+            ..CacheOptions::default()
+        };
+        let caches = Caches::open(&options, &Names::new(tmp.path(), None));
+        let found = caches.lookup(&thunk_id(&key), Tier::Dir).unwrap();
+        assert_eq!(found.candidates.len(), 1);
+        assert_eq!(
+            found.candidates[0].trace.outputs[0].path,
+            project("ok/file")
+        );
+        let warnings = caches.take_warnings().join("\n");
+        for why in [
+            "\"../escape\" that is not a path in the project",
+            "\"a/./b\" that is not a path in the project",
+            "\"\" that is not a path in the project",
+            "writes outside the project (/etc/cron.d/x)",
+            "writes link/.profile through its own symlink link",
+        ] {
+            assert!(warnings.contains(why), "{why}:\n{warnings}");
         }
     }
 }

@@ -49,6 +49,49 @@ impl Entry {
     }
 }
 
+/// Refuses a trace from a cache unless it writes only inside the project: every output a
+/// project path of plain components below the root (no `.`, `..`, empty component or NUL),
+/// none beneath another output that is a symlink. Whoever wrote the cache chose these paths;
+/// restoring anything else could write, or delete, anywhere the reader may.
+pub fn confined(trace: &Trace) -> Result<(), String> {
+    let mut links: Vec<&[u8]> = Vec::new();
+    for output in &trace.outputs {
+        if let (StorePath::Project(rel), OutputState::Symlink { .. }) =
+            (&output.path, &output.state)
+        {
+            links.push(rel);
+        }
+    }
+    for output in &trace.outputs {
+        let rel = match &output.path {
+            StorePath::Project(rel) => rel,
+            StorePath::Absolute(path) => {
+                let path = String::from_utf8_lossy(path);
+                return Err(format!("writes outside the project ({path})"));
+            }
+        };
+        let plain = !rel.is_empty()
+            && !rel.contains(&0)
+            && rel
+                .split(|b| *b == b'/')
+                .all(|c| !c.is_empty() && c != b"." && c != b"..");
+        let shown = String::from_utf8_lossy(rel);
+        if !plain {
+            return Err(format!(
+                "names an output {shown:?} that is not a path in the project"
+            ));
+        }
+        if let Some(link) = links
+            .iter()
+            .find(|link| rel.len() > link.len() && rel.starts_with(link) && rel[link.len()] == b'/')
+        {
+            let link = String::from_utf8_lossy(link);
+            return Err(format!("writes {shown} through its own symlink {link}"));
+        }
+    }
+    Ok(())
+}
+
 /// Every content digest a trace refers to: its files, its stdout and stderr.
 pub fn blobs(trace: &Trace) -> Vec<Digest> {
     let mut digests = vec![trace.stdout, trace.stderr];

@@ -652,6 +652,18 @@ pub fn restore_output(output: &Output, cas: &Cas, observer: &Observer<'_>) -> Re
     };
     let view = observer.paths.to_view(&output.path);
     let real = observer.binds.real(&view);
+    if matches!(output.path, StorePath::Project(_)) {
+        let root = observer.binds.real(observer.paths.project_root());
+        if !reached_inside(&real, &root) {
+            return Err(Error::Path {
+                path: real,
+                message: format!(
+                    "cannot restore output: a symlink on the way leads out of {}",
+                    root.display()
+                ),
+            });
+        }
+    }
     if output.state == OutputState::Deleted {
         return match fs::symlink_metadata(&real) {
             Ok(meta) if meta.is_dir() => {
@@ -700,6 +712,24 @@ pub fn restore_output(output: &Output, cas: &Cas, observer: &Observer<'_>) -> Re
         OutputState::Deleted => {}
     }
     Ok(true)
+}
+
+/// Whether `path` (under `root`) is reached inside `root`: no symlink among its existing
+/// ancestors leads elsewhere. A project path a trace names is restored only so, whoever
+/// recorded the trace (a cache's writer may have restored a symlink there before).
+fn reached_inside(path: &Path, root: &Path) -> bool {
+    let Some(existing) = path
+        .parent()
+        .into_iter()
+        .flat_map(Path::ancestors)
+        .find(|a| a.symlink_metadata().is_ok())
+    else {
+        return false;
+    };
+    match (existing.canonicalize(), root.canonicalize()) {
+        (Ok(existing), Ok(root)) => existing.starts_with(root),
+        _ => false,
+    }
 }
 
 /// Writes the recorded stdout and stderr of a trace to cot's own.
@@ -903,4 +933,39 @@ fn output_states(outputs: &[Output], paths: &Paths, binds: &Binds) -> Vec<(Vec<u
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_reached_inside_its_root_unless_a_symlink_leads_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("project");
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(root.join("src/deep")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("out")).unwrap();
+        std::os::unix::fs::symlink("src", root.join("inner")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", root.join("dangling")).unwrap();
+        // The root reached through a symlink of its own is still the root.
+        std::os::unix::fs::symlink(&root, tmp.path().join("alias")).unwrap();
+        for inside in [
+            "file",
+            "src/deep/file",
+            "src/missing/dir/file",
+            "inner/file",
+        ] {
+            assert!(reached_inside(&root.join(inside), &root), "{inside}");
+            let via_alias = tmp.path().join("alias").join(inside);
+            assert!(
+                reached_inside(&via_alias, &tmp.path().join("alias")),
+                "{inside}"
+            );
+        }
+        for out in ["out/file", "out/missing/file", "dangling/file"] {
+            assert!(!reached_inside(&root.join(out), &root), "{out}");
+        }
+    }
 }

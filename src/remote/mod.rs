@@ -29,9 +29,11 @@
 //! ActionResult gives and hold the key of the thunk asked for; a content must have its SHA-256
 //! digest and size on arrival and its blake3 digest (the trace's) when it lands in the
 //! project's content store. The trace is then decided against this checkout's files like any
-//! other, and used only once every content it refers to is in the project's store. Anything
-//! else is a warning and the thunk runs. Uploading is off by default (`--remote-upload`): a
-//! client that writes to the ActionCache can poison it for everyone.
+//! other, and used only once every content it refers to is in the project's store, and only
+//! if it writes inside the project alone ([`crate::cache::portable::confined`]). Anything else
+//! is a warning and the thunk runs. Uploading is off by default (`--remote-upload`): a client
+//! that writes to the ActionCache can poison it for everyone (ARCHITECTURE.md, "What a writer
+//! of a cache can do to its readers").
 //!
 //! # Failure
 //!
