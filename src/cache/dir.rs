@@ -18,11 +18,15 @@
 //! - Every file is written whole to `DIR/tmp/` and renamed into place, mode 0444: a reader
 //!   sees a complete file or none, and any number of writers (processes, checkouts, users)
 //!   never corrupt one another. Contents go in first, then the key, then the trace, so a
-//!   trace whose contents are missing is one a collector took since (and is simply unusable).
+//!   trace whose contents are missing is one whose contents someone removed (and is simply
+//!   unusable).
 //! - Nothing is trusted on the way out: a key or trace whose digest is not its name is
-//!   skipped (and removed, when the directory can be written), and a content is imported into
-//!   the project's own store only through [`crate::cas::Cas::import`], which hashes it. So a
-//!   torn, corrupt or forged file costs a run, never a wrong output.
+//!   skipped (and removed, when the directory can be written); a whole trace this cot cannot
+//!   decode (another version's) is skipped and left; only regular files are read, never
+//!   through a symlink; a trace that would write outside the project is refused
+//!   ([`super::portable::confined`]); and a content is imported into the project's own store
+//!   only through [`crate::cas::Cas::import`], which hashes it. So a torn, corrupt or forged
+//!   file costs a run, never a wrong output or a write outside the project.
 //! - A thunk keeps at most [`MAX_TRACES`] traces: writing one more removes the least recently
 //!   used (by modification time; a use sets it when the directory can be written).
 //! - A group-writable `DIR` (`chgrp team DIR; chmod 2775 DIR`) gives its mode to every
@@ -32,12 +36,14 @@
 //!
 //! # What an interruption leaves behind
 //!
-//! At most a stray file in `DIR/tmp/` (see [`crate::cas::Cas::gc`]). Traces are not synced:
-//! after a power loss one may be missing or empty, and is then skipped as corrupt.
+//! At most a stray file in `DIR/tmp/`. Nothing collects the directory yet: stray files, and
+//! the contents of traces pruned past [`MAX_TRACES`], stay until the directory is removed
+//! (every checkout keeps working without it). Traces are not synced: after a power loss one
+//! may be missing or empty, and is then skipped as corrupt.
 
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -119,7 +125,7 @@ impl SharedDir {
     pub fn known(&self, id: &ThunkId) -> Result<Option<Known>, Error> {
         let dir = self.thunk_dir(id);
         let key_path = dir.join("key");
-        let bytes = match fs::read(&key_path) {
+        let bytes = match read_file(&key_path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error(&key_path, e)),
@@ -135,18 +141,17 @@ impl SharedDir {
         let mut corrupt = 0;
         let mut entries = Vec::new();
         for (digest, path, _) in self.entry_files(&dir)? {
-            let Ok(bytes) = fs::read(&path) else {
+            let Ok(bytes) = read_file(&path) else {
                 continue;
             };
-            let entry = (*blake3::hash(&bytes).as_bytes() == digest)
-                .then(|| postcard::from_bytes::<Entry>(&bytes).ok())
-                .flatten();
-            match entry {
-                Some(entry) => entries.push((digest, entry)),
-                None => {
-                    corrupt += 1;
-                    self.remove_corrupt(&path);
-                }
+            if *blake3::hash(&bytes).as_bytes() != digest {
+                corrupt += 1;
+                self.remove_corrupt(&path);
+                continue;
+            }
+            // Whole, but not a trace this cot can read: another version's, left to it.
+            if let Ok(entry) = postcard::from_bytes::<Entry>(&bytes) {
+                entries.push((digest, entry));
             }
         }
         Ok(Some(Known {
@@ -255,7 +260,9 @@ impl SharedDir {
             .tempfile_in(&tmp_dir)
             .map_err(|e| io_error(&tmp_dir, e))?;
         tmp.write_all(bytes).map_err(|e| io_error(tmp.path(), e))?;
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o444))
+        // Through the descriptor: the name in a shared tmp/ may have been replaced.
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o444))
             .map_err(|e| io_error(tmp.path(), e))?;
         tmp.persist(path).map_err(|e| io_error(path, e.error))?;
         Ok(())
@@ -271,7 +278,7 @@ impl SharedDir {
     /// Writes `traces/VERSION` if the cache is new, and refuses another format.
     fn check_version(&self) -> Result<(), Error> {
         let path = self.traces.join("VERSION");
-        match fs::read(&path) {
+        match read_file(&path) {
             Ok(found) if found == VERSION.as_bytes() => Ok(()),
             Ok(found) => Err(Error::Version {
                 path,
@@ -289,6 +296,29 @@ impl SharedDir {
             Err(e) => Err(io_error(&path, e)),
         }
     }
+}
+
+/// The largest key, trace or version file read.
+const MAX_FILE: u64 = 1 << 30;
+
+/// Reads a file of the cache whole: a regular file of at most [`MAX_FILE`] bytes, not through
+/// a symlink. Whatever else a writer of the cache put there (a FIFO, a device, a link to one)
+/// is an error, never waited on.
+fn read_file(path: &Path) -> io::Result<Vec<u8>> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > MAX_FILE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file of a plausible size",
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Whether this process can create and write files in `root` (creating it if needed).
@@ -442,6 +472,16 @@ mod tests {
         assert_eq!(known.entries.len(), 1);
         assert_eq!(known.entries[0].1, good);
         assert!(!dir.join(&name).exists(), "removed");
+        // A whole file that is no trace this cot reads (another version's) is left alone.
+        let foreign = b"a trace of another format".to_vec();
+        let foreign_name = hex(blake3::hash(&foreign).as_bytes());
+        fs::write(dir.join(&foreign_name), &foreign).unwrap();
+        // A FIFO, or a link to one, where a trace should be is skipped, never waited on.
+        nix::unistd::mkfifo(&dir.join(hex(&[7; 32])), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::os::unix::fs::symlink(dir.join(hex(&[7; 32])), dir.join(hex(&[8; 32]))).unwrap();
+        let known = shared.known(&thunk_id(&key(1))).unwrap().unwrap();
+        assert_eq!((known.corrupt, known.entries.len()), (0, 1));
+        assert!(dir.join(&foreign_name).exists(), "kept");
         // A key filed under another thunk's id.
         fs::set_permissions(dir.join("key"), fs::Permissions::from_mode(0o644)).unwrap();
         fs::write(dir.join("key"), encode(&key(2))).unwrap();
@@ -450,6 +490,22 @@ mod tests {
             Err(Error::Corrupt { .. })
         ));
         assert!(shared.known(&thunk_id(&key(1))).unwrap().is_none());
+    }
+
+    /// The cache's formats hold store model types (traces, keys): a change of the model is a
+    /// new store schema, and must be a new cache format too.
+    #[test]
+    fn the_cache_format_follows_the_store_schema() {
+        assert_eq!(
+            (
+                crate::store::schema::SCHEMA_VERSION,
+                VERSION,
+                crate::remote::SALT
+            ),
+            (4, "1\n", &b"cot thunk, format 1"[..]),
+            "the store schema changed: change the shared cache's VERSION and the remote SALT \
+             with it, then this test"
+        );
     }
 
     #[test]

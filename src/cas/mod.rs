@@ -164,6 +164,9 @@ pub struct Cas {
     corrupt: PathBuf,
     /// The root's permission bits when it is group-writable: given to every directory made.
     shared_mode: Option<u32>,
+    /// Opened to read only ([`Cas::open_existing`]): an object found corrupt is left where it
+    /// is (it fails verification again on every read).
+    read_only: bool,
 }
 
 /// What [`Cas::gc`] freed.
@@ -195,7 +198,10 @@ impl Cas {
     /// Opens an existing store at `root` without creating or writing anything (a store the
     /// caller may only read). Refuses a missing store or one of another format version.
     pub fn open_existing(root: &Path) -> Result<Cas, Error> {
-        let cas = Cas::at(root);
+        let cas = Cas {
+            read_only: true,
+            ..Cas::at(root)
+        };
         let path = root.join("VERSION");
         let found = fs::read(&path).map_err(io_error(&path))?;
         if found != VERSION.as_bytes() {
@@ -215,6 +221,7 @@ impl Cas {
             tmp: root.join("tmp"),
             corrupt: root.join("corrupt"),
             shared_mode: None,
+            read_only: false,
         }
     }
 
@@ -504,6 +511,9 @@ impl Cas {
     /// (or, failing that, removing it).
     fn corrupt(&self, d: &Digest, path: PathBuf) -> Error {
         let digest = hex(d);
+        if self.read_only {
+            return Error::Corrupt { digest, path };
+        }
         if fs::rename(&path, self.corrupt.join(&digest)).is_err() {
             // Best effort: if this fails too, the next read detects the corruption again.
             let _ = fs::remove_file(&path);
@@ -551,7 +561,16 @@ pub fn make_dir(dir: &Path, mode: Option<u32>) -> Result<(), Error> {
     match fs::create_dir(dir) {
         Ok(()) => {
             if let Some(mode) = mode {
-                fs::set_permissions(dir, Permissions::from_mode(mode)).map_err(io_error(dir))?;
+                // Through a descriptor of the directory itself, never a symlink put in its
+                // place (the parent is writable by the group).
+                let opened = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(dir)
+                    .map_err(io_error(dir))?;
+                opened
+                    .set_permissions(Permissions::from_mode(mode))
+                    .map_err(io_error(dir))?;
             }
             Ok(())
         }

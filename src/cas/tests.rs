@@ -713,4 +713,14 @@ fn open_existing_creates_nothing() {
     let d = f.cas.put_bytes(b"y").unwrap();
     let reader = Cas::open_existing(f.cas.root()).unwrap();
     assert_eq!(reader.read(&d).unwrap(), b"y");
+    // A store opened to read changes nothing, not even to move a corrupt object aside.
+    f.damage(&d, 0);
+    assert!(matches!(reader.read(&d), Err(Error::Corrupt { .. })));
+    let local = Cas::open(&f.work.join("local")).unwrap();
+    assert!(matches!(
+        local.import(&reader, &d),
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(f.cas.object_path(&d).exists());
+    assert!(f.entries(&f.cas.corrupt).is_empty());
 }

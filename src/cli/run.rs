@@ -193,6 +193,19 @@ impl SandboxArgs {
             crate::remote::parse_url(url)
                 .map_err(|e| anyhow::anyhow!("cot.toml: [cache] remote: {e}"))?;
         }
+        let remote_timeout = match self.remote_timeout.or(config.remote_timeout) {
+            None => None,
+            Some(seconds) => Some(
+                std::time::Duration::try_from_secs_f64(seconds)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "remote timeout: {seconds} is not a usable deadline (seconds, above 0)"
+                        )
+                    })?,
+            ),
+        };
         Ok(CacheOptions {
             dir: self
                 .cache
@@ -201,11 +214,7 @@ impl SandboxArgs {
             read_only: self.cache_read_only || config.read_only,
             remote: self.remote.clone().or(config.remote),
             remote_upload: self.remote_upload || config.remote_upload,
-            remote_timeout: self
-                .remote_timeout
-                .or(config.remote_timeout)
-                .filter(|s| s.is_finite() && *s > 0.0)
-                .map(std::time::Duration::from_secs_f64),
+            remote_timeout,
         })
     }
 

@@ -84,6 +84,10 @@ const BATCH_BYTES: u64 = 2 << 20;
 /// The size of the pieces of a ByteStream write.
 const CHUNK: usize = 64 * 1024;
 
+/// The slowest transfer a server that answers is expected to keep up (bytes per second): a
+/// call moving a blob may take this much longer than `--remote-timeout`.
+const MIN_RATE: u64 = 1 << 20;
+
 /// What went wrong with the remote cache.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -369,7 +373,11 @@ impl Remote {
             if (blob.size as u64) > BATCH_BLOB {
                 match (stored.get(&blob), in_memory.get(&blob)) {
                     (Some(blake3), _) => self.upload_stored(&blob, blake3, cas)?,
-                    (None, Some(bytes)) => self.write_stream(&blob, bytes.chunks(CHUNK))?,
+                    (None, Some(bytes)) => {
+                        let chunks: Vec<Vec<u8>> =
+                            bytes.chunks(CHUNK).map(<[u8]>::to_vec).collect();
+                        self.write_stream(&blob, chunks.into_iter())?
+                    }
                     (None, None) => continue,
                 }
                 continue;
@@ -439,60 +447,68 @@ impl Remote {
     /// Uploads a large object of the content store through ByteStream.
     fn upload_stored(&self, blob: &Blob, blake3: &Digest, cas: &Cas) -> Result<(), Error> {
         let mut file = cas.open_object(blake3)?;
-        let mut chunks = Vec::new();
-        loop {
+        let failed = std::sync::Arc::new(Mutex::new(None));
+        let failure = failed.clone();
+        // Read as the stream is sent, a chunk at a time: never the whole file in memory.
+        let chunks = std::iter::from_fn(move || {
             let mut chunk = vec![0; CHUNK];
-            let n = file
-                .read(&mut chunk)
-                .map_err(|e| Error::Failed(e.to_string()))?;
-            if n == 0 {
-                break;
+            match file.read(&mut chunk) {
+                Ok(0) => None,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    Some(chunk)
+                }
+                Err(e) => {
+                    *failure.lock() = Some(e);
+                    None
+                }
             }
-            chunk.truncate(n);
-            chunks.push(chunk);
+        });
+        let sent = self.write_stream(blob, chunks);
+        let failure = failed.lock().take();
+        match failure {
+            Some(e) => Err(Error::Failed(format!(
+                "cannot read blob {}: {e}",
+                blob.hash
+            ))),
+            None => sent,
         }
-        self.write_stream(blob, chunks.iter().map(Vec::as_slice))
     }
 
-    fn write_stream<'a>(
+    /// Uploads a blob through ByteStream.Write, its `chunks` taken as they are sent.
+    fn write_stream(
         &self,
         blob: &Blob,
-        chunks: impl Iterator<Item = &'a [u8]>,
+        chunks: impl Iterator<Item = Vec<u8>> + Send + 'static,
     ) -> Result<(), Error> {
-        let resource = format!(
+        let mut resource = Some(format!(
             "{}uploads/{}/blobs/{}/{}",
             self.prefix(),
             upload_id(blob),
             blob.hash,
             blob.size
-        );
+        ));
+        let size = blob.size;
         let mut offset = 0i64;
-        let mut requests: Vec<WriteRequest> = chunks
-            .map(|chunk| {
+        let requests = chunks
+            .map(move |data| {
                 let request = WriteRequest {
-                    resource_name: if offset == 0 {
-                        resource.clone()
-                    } else {
-                        String::new()
-                    },
+                    resource_name: resource.take().unwrap_or_default(),
                     write_offset: offset,
-                    finish_write: false,
-                    data: chunk.to_vec(),
+                    finish_write: offset + data.len() as i64 >= size,
+                    data,
                 };
-                offset += chunk.len() as i64;
+                offset += request.data.len() as i64;
                 request
             })
-            .collect();
-        match requests.last_mut() {
-            Some(last) => last.finish_write = true,
-            None => requests.push(WriteRequest {
-                resource_name: resource,
+            // The empty blob is one empty, finishing request.
+            .chain((size == 0).then(|| WriteRequest {
+                resource_name: String::new(),
                 write_offset: 0,
                 finish_write: true,
                 data: Vec::new(),
-            }),
-        }
-        self.call("ByteStream.Write", async |channel| {
+            }));
+        self.call_sized("ByteStream.Write", blob.size, async |channel| {
             let mut client = ByteStreamClient::new(channel);
             client.write(tokio_stream(requests)).await?;
             Ok(())
@@ -501,6 +517,14 @@ impl Remote {
 
     /// Reads a blob whole (a small one, e.g. cot's record), through a batch.
     fn read_blob(&self, blob: &Blob) -> Result<Vec<u8>, Error> {
+        if blob.size as u64 > BATCH_BLOB {
+            let mut data = Vec::new();
+            self.read_stream(blob, |piece| {
+                data.extend_from_slice(piece);
+                Ok(())
+            })?;
+            return Ok(data);
+        }
         let (_, data) = self
             .batch_read(std::iter::once(blob))?
             .into_iter()
@@ -545,21 +569,37 @@ impl Remote {
 
     /// Downloads a large blob through ByteStream into the content store.
     fn download(&self, blob: &Blob, blake3: &Digest, cas: &Cas) -> Result<(), Error> {
+        let mut writer = cas.writer()?;
+        self.read_stream(blob, |piece| Ok(writer.write(piece)?))?;
+        writer.finish(blake3, &format!("{}: blob {}", self.url, blob.hash))?;
+        Ok(())
+    }
+
+    /// Reads a blob through ByteStream.Read, giving each piece to `sink` as it arrives; fails
+    /// as soon as the server sends more than the blob's size, and when what it sent is not
+    /// the blob (SHA-256 and size).
+    fn read_stream(
+        &self,
+        blob: &Blob,
+        mut sink: impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let request = ReadRequest {
             resource_name: format!("{}blobs/{}/{}", self.prefix(), blob.hash, blob.size),
             read_offset: 0,
             read_limit: 0,
         };
-        let mut writer = cas.writer()?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        self.call("ByteStream.Read", async |channel| {
+        self.call_sized("ByteStream.Read", blob.size, async |channel| {
             let mut client = ByteStreamClient::new(channel);
             let mut stream = client.read(request).await?.into_inner();
             while let Some(piece) = stream.message().await? {
                 hasher.update(&piece.data);
                 size += piece.data.len() as u64;
-                writer.write(&piece.data)?;
+                if size > blob.size.max(0) as u64 {
+                    return Err(Failure::Cot(mismatch(blob, "(more than its size)", size)));
+                }
+                sink(&piece.data)?;
             }
             Ok(())
         })?;
@@ -567,7 +607,6 @@ impl Remote {
         if hash != blob.hash || size as i64 != blob.size {
             return Err(mismatch(blob, &hash, size));
         }
-        writer.finish(blake3, &format!("{}: blob {}", self.url, blob.hash))?;
         Ok(())
     }
 
@@ -587,6 +626,18 @@ impl Remote {
         what: &str,
         call: impl AsyncFnOnce(Channel) -> Result<T, Failure>,
     ) -> Result<T, Error> {
+        self.call_sized(what, 0, call)
+    }
+
+    /// [`Remote::call`] for a call moving `bytes` of a blob: its deadline is longer by the
+    /// time that takes at [`MIN_RATE`], so a large blob is not taken for a dead server.
+    fn call_sized<T>(
+        &self,
+        what: &str,
+        bytes: i64,
+        call: impl AsyncFnOnce(Channel) -> Result<T, Failure>,
+    ) -> Result<T, Error> {
+        let deadline = self.timeout + Duration::from_secs(bytes.max(0) as u64 / MIN_RATE);
         if let Some(why) = self.down() {
             return Err(Error::Unreachable(why));
         }
@@ -598,11 +649,10 @@ impl Remote {
                     Failure::Cot(error) => error,
                 })
             };
-            match tokio::time::timeout(self.timeout, attempt).await {
+            match tokio::time::timeout(deadline, attempt).await {
                 Ok(result) => result,
                 Err(_) => Err(Error::Unreachable(format!(
-                    "{what} got no answer within {:?}",
-                    self.timeout
+                    "{what} got no answer within {deadline:?}"
                 ))),
             }
         });
@@ -821,8 +871,8 @@ fn upload_id(blob: &Blob) -> String {
 
 /// A stream of the requests of a ByteStream write.
 fn tokio_stream(
-    requests: Vec<WriteRequest>,
-) -> impl tonic::codegen::tokio_stream::Stream<Item = WriteRequest> {
+    requests: impl Iterator<Item = WriteRequest> + Send + 'static,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = WriteRequest> + Send + 'static {
     tonic::codegen::tokio_stream::iter(requests)
 }
 

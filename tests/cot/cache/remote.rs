@@ -233,6 +233,40 @@ fn a_second_checkout_reuses_what_the_first_uploaded() {
     assert_eq!(built.ran().len(), 2, "not uploaded: {}", built.describe());
 }
 
+/// Blobs above the batch limit go through ByteStream both ways: a 3 MiB output, and cot's
+/// record of a trace with 16,000 inputs (over 1 MiB).
+#[test]
+fn large_outputs_and_records_are_streamed() {
+    require_sandbox!();
+    let bgd = require_buildgrid!();
+    let _machine = machine_shared();
+    let server = BuildGrid::start(&bgd);
+    let url = server.url();
+    let script = "cat inputs/* > all; head -c 3145728 /dev/urandom > big";
+    let checkout = || {
+        let p = Project::new();
+        for i in 0..16_000 {
+            p.write(
+                &format!("inputs/an-input-file-with-a-long-name-{i:05}"),
+                "x",
+            );
+        }
+        p
+    };
+    let first = checkout();
+    let (_, ran) = run_sh(&first, &["--remote", &url, "--remote-upload"], script);
+    assert!(ran);
+    let second = checkout();
+    let (run, ran) = run_sh(&second, &["--remote", &url], script);
+    assert!(!ran, "{}", run.describe());
+    assert!(run.stderr.contains("cached from"), "{}", run.describe());
+    assert!(!run.stderr.contains("warning"), "{}", run.describe());
+    let big = fs::read(second.root().join("big")).unwrap();
+    assert_eq!(big.len(), 3 << 20);
+    assert_eq!(big, fs::read(first.root().join("big")).unwrap());
+    assert_eq!(second.read("all").unwrap().len(), 16_000);
+}
+
 /// The server is killed while a build that uses it is half done: the rest is built locally,
 /// after one warning, and every output is right.
 #[test]
