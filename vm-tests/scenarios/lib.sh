@@ -2,9 +2,9 @@
 # as root, in /var/tmp (the host's, under the guest's overlay: each scenario makes its own
 # directories there), with an empty /tmp. The runner's environment: COT (cot, with
 # cot-store-server beside it, where every user can run them), COT_TEST_BIN (cot's integration
-# tests), BZIP2_SRC (bzip2 1.0.8's sources), BZIP2_BUILD and BZIP2_PLAIN_SUMS (see check_bzip2),
-# COT_VM_RUN (the run directory). A scenario passes
-# when it exits 0, is skipped when it exits 77, fails otherwise.
+# tests), BZIP2_SRC (bzip2 1.0.8's sources), BZIP2_BUILD and BZIP2_PLAIN_SUMS (see
+# check_bzip2), COT_VM_RUN (the run directory). A scenario passes when it exits 0, is skipped
+# when it exits 77, and fails otherwise.
 
 # The unprivileged user of the rootless scenarios.
 VM_USER=cotvm
