@@ -46,8 +46,10 @@ pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 /// Overrides [`IDLE_EXIT`], in milliseconds (for tests that watch a server's life).
 pub const IDLE_EXIT_ENV: &str = "COT_STORE_IDLE_EXIT_MS";
 
-/// How long a client waits for a server it started to listen.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits for a server it started to listen. A server that fails is seen at
+/// once (it exits); this bounds only one that is alive but slow (a loaded or emulated machine
+/// opening a large store), so it is generous.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Largest message accepted (a trace of a few hundred thousand accesses fits).
 const MAX_MESSAGE: u32 = 256 << 20;
