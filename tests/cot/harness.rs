@@ -420,3 +420,48 @@ pub fn run_cot(bin: &Path, dir: &Path, args: &[&str]) -> Run {
         .unwrap();
     Run::from(output)
 }
+
+/// Every file under `root` (relative path -> content), skipping the top-level `skip`
+/// directories and `.cot`.
+pub fn files_under(root: &Path, skip: &[&str]) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            if rel == ".cot" || skip.contains(&rel.as_str()) {
+                continue;
+            }
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                files.insert(rel, fs::read(&path).unwrap());
+            } else if kind.is_symlink() {
+                let target = fs::read_link(&path).unwrap();
+                files.insert(rel, target.as_os_str().as_encoded_bytes().to_vec());
+            }
+        }
+    }
+    files
+}
+
+/// Copies a real project's sources to `dest` with `scripts/SCRIPT` (fetch-bzip2,
+/// fetch-autotools), which downloads them once.
+pub fn fetch(script: &str, dest: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let out = Command::new(&script).arg(dest).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::harness::{machine_shared, shared_cot_bin, Project, Run};
+use crate::harness::{files_under, machine_shared, shared_cot_bin, Project, Run};
 use crate::require_sandbox;
 
 fn cot(project: &Project, args: &[&str]) -> Run {
@@ -352,31 +352,6 @@ fn cotfile_children_that_nothing_orders() {
     }
 }
 
-/// Every file under `root` (but cot's own `.cot`) with its bytes.
-fn files_under(root: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            if rel == ".cot" {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    out
-}
-
 /// bzip2 1.0.8 (a real plain Makefile, in the project's `bzip2/`) under `cot make -j2 --lint`:
 /// the same files as plain `make -j2` at the same path (gcc -g records the directory), and
 /// exactly the findings
@@ -390,14 +365,7 @@ fn bzip2_under_cot_make_lint() {
     let _machine = machine_shared();
     let project = Project::new();
     let tree = project.root().join("bzip2");
-    let fetch = || {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-bzip2");
-        let status = std::process::Command::new(script)
-            .arg(&tree)
-            .status()
-            .unwrap();
-        assert!(status.success(), "scripts/fetch-bzip2 failed");
-    };
+    let fetch = || crate::harness::fetch("fetch-bzip2", &tree);
     fetch();
     let status = std::process::Command::new("make")
         .args(["-s", "-j2"])
@@ -406,12 +374,12 @@ fn bzip2_under_cot_make_lint() {
         .status()
         .unwrap();
     assert!(status.success(), "plain make of bzip2 failed");
-    let plain = files_under(&tree);
+    let plain = files_under(&tree, &[]);
     std::fs::remove_dir_all(&tree).unwrap();
     fetch();
     let run = crate::harness::run_cot(&shared_cot_bin(), &tree, &["make", "-j2", "--lint"]);
     assert_eq!(run.status, 0, "{}{}", run.stdout, run.stderr);
-    let built = files_under(&tree);
+    let built = files_under(&tree, &[]);
     assert_eq!(
         built.keys().collect::<Vec<_>>(),
         plain.keys().collect::<Vec<_>>(),

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{cot_bin, machine_shared, shared_cot_bin, Project, Run};
+use crate::harness::{cot_bin, fetch, machine_shared, shared_cot_bin, Project, Run};
 use crate::require_sandbox;
 
 /// A project with a package database of its own, outside the project (in a sibling
@@ -553,19 +553,6 @@ fn an_installer_that_fails_or_writes_beside_the_prefix_installs_nothing() {
     );
     assert!(!t.p.root().join("gone").exists());
     assert!(t.list().is_empty());
-}
-
-/// Copies bzip2's sources (scripts/fetch-bzip2) to `dest`.
-fn fetch(script: &str, dest: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts")
-        .join(script);
-    let out = Command::new(&script).arg(dest).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{script:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// One real package through its whole life: installed (running its installer), listed,

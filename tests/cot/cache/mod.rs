@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use crate::harness::{machine_shared, shared_cot_bin, test_user_cot, Project, Run};
+use crate::harness::files_under;
+use crate::harness::{fetch, machine_shared, shared_cot_bin, test_user_cot, Project, Run};
 use crate::require_sandbox;
 
 mod remote;
@@ -46,17 +47,7 @@ impl Cache {
 
     /// `cot run --explain --cache CACHE -- sh -c SCRIPT` as root in `dir`, which must succeed.
     pub fn sh(&self, dir: &Path, script: &str) -> Run {
-        let args = [
-            "run",
-            "--explain",
-            "--cache",
-            self.path(),
-            "--",
-            "sh",
-            "-c",
-            script,
-        ];
-        cot(dir, &args).ok()
+        cot(dir, &run_sh(&["--explain", "--cache", self.path()], script)).ok()
     }
 
     /// Every file of the cache (but `tmp/` and `corrupt/`) with its content.
@@ -85,35 +76,12 @@ impl Cache {
     }
 }
 
-/// Every file under `root` (relative path -> content), skipping the top-level `skip`
-/// directories and `.cot`.
-pub fn files_under(root: &Path, skip: &[&str]) -> BTreeMap<String, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap().flatten() {
-            let path = entry.path();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_string();
-            if rel == ".cot" || skip.contains(&rel.as_str()) {
-                continue;
-            }
-            let kind = entry.file_type().unwrap();
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file() {
-                files.insert(rel, fs::read(&path).unwrap());
-            } else if kind.is_symlink() {
-                let target = fs::read_link(&path).unwrap();
-                files.insert(rel, target.as_os_str().as_encoded_bytes().to_vec());
-            }
-        }
-    }
-    files
+/// The arguments of `cot run FLAGS -- sh -c SCRIPT`.
+pub fn run_sh<'a>(flags: &[&'a str], script: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["run"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    args
 }
 
 /// A home for builds run as root, outside every checkout (the same for all of them).
@@ -305,7 +273,7 @@ fn a_second_checkout_of_bzip2_runs_nothing() {
     let cache = Cache::new();
     let checkout = || {
         let p = Project::new();
-        fetch_bzip2(&p.root().join("bzip2"));
+        fetch("fetch-bzip2", &p.root().join("bzip2"));
         p
     };
     let make = |p: &Project| {
@@ -332,12 +300,6 @@ fn a_second_checkout_of_bzip2_runs_nothing() {
         assert!(b[path] == *bytes, "{path} differs");
     }
     cache.verify();
-}
-
-pub fn fetch_bzip2(dest: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-bzip2");
-    let status = Command::new(script).arg(dest).status().unwrap();
-    assert!(status.success(), "scripts/fetch-bzip2 failed");
 }
 
 /// `pwd > where` writes the checkout's path into its output: its trace is pinned to that
@@ -394,20 +356,8 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
     // test user's thunks always do.
     let first = Project::new();
     first.write("in", "shared");
-    cot_with_home(
-        first.root(),
-        &[
-            "run",
-            "--rootless",
-            "--cache",
-            cache.path(),
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-    )
-    .ok();
+    let flags = ["--rootless", "--cache", cache.path()];
+    cot_with_home(first.root(), &run_sh(&flags, script)).ok();
     let before = cache.files();
 
     // By choice.
@@ -421,12 +371,7 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
         cache.path(),
         "--cache-read-only",
     ];
-    let run_in = |p: &Project, script: &str| {
-        let mut args = vec!["run"];
-        args.extend_from_slice(&flags);
-        args.extend_from_slice(&["--", "sh", "-c", script]);
-        cot_with_home(p.root(), &args)
-    };
+    let run_in = |p: &Project, script: &str| cot_with_home(p.root(), &run_sh(&flags, script));
     let run = run_in(&second, script);
     assert!(
         run.stderr.contains("cached from the shared cache"),
@@ -441,20 +386,8 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
     // Because it belongs to another user: found read-only, used all the same.
     let third = Project::new();
     third.write("in", "shared");
-    let run = cot_as_test_user(
-        &third,
-        &[
-            "run",
-            "--explain",
-            "--cache",
-            cache.path(),
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-    )
-    .ok();
+    let flags = ["--explain", "--cache", cache.path()];
+    let run = cot_as_test_user(&third, &run_sh(&flags, script)).ok();
     assert!(
         run.stderr.contains("cached from the shared cache"),
         "{}",
@@ -464,15 +397,7 @@ fn a_read_only_cache_is_used_and_left_as_it_was() {
     assert_eq!(third.read("out").as_deref(), Some("shared"));
     cot_as_test_user(
         &third,
-        &[
-            "run",
-            "--cache",
-            cache.path(),
-            "--",
-            "sh",
-            "-c",
-            "echo new > new",
-        ],
+        &run_sh(&["--cache", cache.path()], "echo new > new"),
     )
     .ok();
     assert_eq!(cache.files(), before, "nothing written");
@@ -519,7 +444,7 @@ fn concurrent_writers_never_corrupt_a_shared_cache() {
         .map(|p| {
             Command::new(shared_cot_bin())
                 .current_dir(p.root())
-                .args(["run", "--cache", cache.path(), "--", "sh", "-c", script])
+                .args(run_sh(&["--cache", cache.path()], script))
                 .env_clear()
                 .env("PATH", PATH)
                 .env("HOME", root_home())
@@ -647,19 +572,8 @@ fn a_misconfigured_cache_is_named() {
     fs::remove_file(p.root().join("cot.toml")).unwrap();
     p.write("not-a-dir", "");
     let cache = p.root().join("not-a-dir");
-    let run = cot(
-        p.root(),
-        &[
-            "run",
-            "--cache",
-            cache.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            "echo x > out",
-        ],
-    )
-    .ok();
+    let flags = ["--cache", cache.to_str().unwrap()];
+    let run = cot(p.root(), &run_sh(&flags, "echo x > out")).ok();
     assert_eq!(
         run.stderr.matches("cannot use the shared cache").count(),
         1,

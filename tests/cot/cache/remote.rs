@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
 
-use super::{assert_same_checkout, build, cot, files_under, Built};
-use crate::harness::{machine_shared, shared_cot_bin, skip, Project, Run};
+use super::{assert_same_checkout, build, cot, Built};
+use crate::harness::{files_under, machine_shared, shared_cot_bin, skip, Project, Run};
 use crate::require_sandbox;
 
 /// The BuildGrid server's program: `COT_BGD`, else where scripts/setup installs it.
@@ -167,9 +167,9 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// `cot run --explain ARGS -- sh -c SCRIPT` in the project; whether it ran.
 fn run_sh(p: &Project, args: &[&str], script: &str) -> (Run, bool) {
-    let mut all = vec!["run", "--explain"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--", "sh", "-c", script]);
+    let mut flags = vec!["--explain"];
+    flags.extend_from_slice(args);
+    let all = super::run_sh(&flags, script);
     let run = cot(p.root(), &all).ok();
     let ran = run.stderr.contains("cot: ran: ");
     (run, ran)
