@@ -726,10 +726,15 @@ fn reached_inside(path: &Path, root: &Path) -> bool {
     else {
         return false;
     };
-    match (existing.canonicalize(), root.canonicalize()) {
-        (Ok(existing), Ok(root)) => existing.starts_with(root),
-        _ => false,
-    }
+    let Ok(existing) = existing.canonicalize() else {
+        return false;
+    };
+    // The root is canonical already when found from the working directory; resolved only if
+    // it is not.
+    existing.starts_with(root)
+        || root
+            .canonicalize()
+            .is_ok_and(|root| existing.starts_with(root))
 }
 
 /// Writes the recorded stdout and stderr of a trace to cot's own.
